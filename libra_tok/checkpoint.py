@@ -1,0 +1,363 @@
+"""Reading weights: state-dict files, HF CLIP naming, and the official Libra `vqgan.ckpt`.
+
+Official layout (reference 6.1): a pickled dict whose `state_dict` has
+  encoder.vision_tower.vision_model.*   HF CLIPVisionTransformer (q/k/v separate)
+  quant_conv.*, quantize.*, post_quant_conv.*, decoder.*
+  loss.*                                LPIPS + discriminator (training only, dropped)
+Ours: encoder.tower.* (open_clip, fused in_proj), quantizer.{quant_conv,lfq,post_quant_conv}.*,
+decoder.* (same names as the official decoder).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .config import TokenizerConfig
+    from .model import ImageTokenizer
+
+OFFICIAL_CLIP_PREFIX = "encoder.vision_tower.vision_model."
+OFFICIAL_EXAMPLE_KEYS = (
+    OFFICIAL_CLIP_PREFIX + "embeddings.patch_embedding.weight",
+    "quant_conv.weight",
+    "quantize.project_in.weight",
+    "decoder.conv_in.weight",
+)
+# Official top-level module -> ours (everything but the CLIP tower, which is renamed per key).
+_OFFICIAL_PREFIXES = {
+    "quant_conv.": "quantizer.quant_conv.",
+    "quantize.": "quantizer.lfq.",
+    "post_quant_conv.": "quantizer.post_quant_conv.",
+    "decoder.": "decoder.",
+}
+# Names inside the official LFQ that our LFQ rebuilds (non-persistent there too) may appear.
+_OFFICIAL_OPTIONAL = {"quantize.codebook", "quantize.zero"}
+
+
+class CheckpointError(ValueError):
+    """A weights file does not hold what was expected; the message says what and how to fix it."""
+
+
+# ---- generic state-dict reading -------------------------------------------------------------
+def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch pickle (unwrapping `state_dict` / `model`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = _torch_load(path, trust_pickle=trust_pickle)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds a dict without tensors (keys: {_sample(obj)})")
+    if all(k.startswith("module.") for k in tensors):  # saved from DDP
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
+    try:
+        try:  # memory-map large files when the format allows it (zip format, torch >= 1.6)
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} contains Python objects besides tensors, which are not loaded by default "
+            f"because unpickling can run code ({str(exc).splitlines()[0]}). If you trust the file, "
+            f"load it with trust_pickle=True (CLI: --trust-pickle)."
+        ) from exc
+    except Exception as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {exc}") from exc
+
+
+def _sample(keys: Any, n: int = 6) -> str:
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+# ---- CLIP naming ------------------------------------------------------------------------------
+_HF_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
+_HF_DIRECT = {
+    "embeddings.class_embedding": "class_embedding",
+    "embeddings.patch_embedding.weight": "conv1.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "pre_layrnorm.weight": "ln_pre.weight",
+    "pre_layrnorm.bias": "ln_pre.bias",
+    "post_layernorm.weight": "ln_post.weight",
+    "post_layernorm.bias": "ln_post.bias",
+}
+_HF_LAYER_SUB = {
+    "self_attn.out_proj.weight": "attn.out_proj.weight",
+    "self_attn.out_proj.bias": "attn.out_proj.bias",
+    "layer_norm1.weight": "ln_1.weight",
+    "layer_norm1.bias": "ln_1.bias",
+    "layer_norm2.weight": "ln_2.weight",
+    "layer_norm2.bias": "ln_2.bias",
+    "mlp.fc1.weight": "mlp.c_fc.weight",
+    "mlp.fc1.bias": "mlp.c_fc.bias",
+    "mlp.fc2.weight": "mlp.c_proj.weight",
+    "mlp.fc2.bias": "mlp.c_proj.bias",
+}
+
+
+def hf_clip_vision_to_open_clip(hf: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """HF CLIPVisionTransformer keys (relative to `vision_model.`) -> open_clip VisionTransformer.
+
+    q/k/v projections are concatenated into `attn.in_proj_{weight,bias}` in that order, as
+    nn.MultiheadAttention expects. `embeddings.position_ids` (a buffer) is dropped. Any key
+    that has no open_clip counterpart is an error, so nothing is silently ignored.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in hf.items():
+        if key == "embeddings.position_ids":
+            continue
+        if key in _HF_DIRECT:
+            out[_HF_DIRECT[key]] = value
+            continue
+        match = _HF_LAYER.fullmatch(key)
+        if match:
+            layer, rest = int(match.group(1)), match.group(2)
+            attn = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if attn:
+                qkv.setdefault((layer, attn.group(2)), {})[attn.group(1)] = value
+                continue
+            if rest in _HF_LAYER_SUB:
+                out[f"transformer.resblocks.{layer}.{_HF_LAYER_SUB[rest]}"] = value
+                continue
+        unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"unrecognised CLIP vision keys in {source}: {_sample(unknown, 10)}")
+    for (layer, kind), parts in sorted(qkv.items()):
+        missing = [p for p in "qkv" if p not in parts]
+        if missing:
+            raise CheckpointError(f"{source}: layer {layer} lacks self_attn.{missing[0]}_proj.{kind}")
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+    return out
+
+
+def clip_state_dict_to_open_clip(sd: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Vision-tower weights in open_clip naming from open_clip, HF or official-Libra naming."""
+    for prefix in (OFFICIAL_CLIP_PREFIX, "vision_model."):
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if sub:
+            out = hf_clip_vision_to_open_clip(sub, source)
+            if "visual_projection.weight" in sd:  # HF CLIPModel: Linear(width -> embed), no bias
+                out["proj"] = sd["visual_projection.weight"].t()
+            return out
+    if "embeddings.patch_embedding.weight" in sd:  # HF vision tower without its prefix
+        return hf_clip_vision_to_open_clip(sd, source)
+    if any(k.startswith("visual.") for k in sd):
+        return {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+    if "conv1.weight" in sd:
+        return dict(sd)
+    raise CheckpointError(
+        f"no CLIP vision weights found in {source}: expected keys starting with 'vision_model.' "
+        f"(HF), 'visual.' (open_clip) or '{OFFICIAL_CLIP_PREFIX}' (official Libra); found {_sample(sd)}"
+    )
+
+
+# ---- the official vqgan.ckpt ------------------------------------------------------------------
+def official_to_ours(sd: dict[str, torch.Tensor], source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename an official `VQModel` state dict to ours; `loss.*` is dropped, nothing else."""
+    clip = {k[len(OFFICIAL_CLIP_PREFIX):]: v for k, v in sd.items() if k.startswith(OFFICIAL_CLIP_PREFIX)}
+    out = {"encoder.tower." + k: v for k, v in hf_clip_vision_to_open_clip(clip, source).items()}
+    unconsumed = []
+    for key, value in sd.items():
+        if key.startswith(OFFICIAL_CLIP_PREFIX) or key.startswith("loss."):
+            continue
+        prefix = next((p for p in _OFFICIAL_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            unconsumed.append(key)
+        elif key not in _OFFICIAL_OPTIONAL:
+            out[_OFFICIAL_PREFIXES[prefix] + key[len(prefix):]] = value
+    if unconsumed:
+        raise CheckpointError(
+            f"{source}: keys outside the official Libra tokenizer layout: {_sample(unconsumed, 10)} "
+            f"(expected only {', '.join(repr(p + '*') for p in ['loss.', OFFICIAL_CLIP_PREFIX, *_OFFICIAL_PREFIXES])})"
+        )
+    return out
+
+
+def _unused_tower_key(key: str, kept_blocks: int) -> bool:
+    """Tower weights the official model computes but never uses (blocks after the last
+    feature layer, the final LayerNorm, the projection); our encoder prunes them."""
+    if not key.startswith("encoder.tower."):
+        return False
+    key = key[len("encoder.tower."):]
+    match = re.match(r"transformer\.resblocks\.(\d+)\.", key)
+    return (match is not None and int(match.group(1)) >= kept_blocks) or key.startswith("ln_post.") or key == "proj"
+
+
+def check_tokenizer_state(model: "ImageTokenizer", state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Raise a CheckpointError listing every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    kept_blocks = len(model.encoder.tower.transformer.resblocks)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not _unused_tower_key(k, kept_blocks))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_sample(missing, 10)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_sample(unexpected, 10)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:10]))
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems) + (f"\n{hint}" if hint else ""))
+
+
+def load_tokenizer_state(model: "ImageTokenizer", state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Check `state` (see check_tokenizer_state), then assign its tensors to `model`, which may
+    live on the meta device (ImageTokenizer.empty)."""
+    check_tokenizer_state(model, state, source, hint)
+    expected = model.state_dict()
+    model.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
+    model.quantizer.reset_nonpersistent_buffers()  # LFQ codebook/zero are not in state dicts
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{source}: tensors left without data after loading: {_sample(still_meta)}")
+
+
+def find_official_files(path: str | Path) -> tuple[Path, Path | None]:
+    """(vqgan.ckpt, vision_tokenizer_config.yaml or None) from a file or an official folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        ckpt = path / "vqgan.ckpt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(
+                f"{path} has no vqgan.ckpt; expected an official Libra folder (vqgan.ckpt + "
+                f"vision_tokenizer_config.yaml, e.g. YifanXu/libra-vision-tokenizer) or the .ckpt file itself"
+            )
+    elif path.is_file():
+        ckpt = path
+    else:
+        raise FileNotFoundError(f"official tokenizer checkpoint {path} does not exist")
+    yaml_path = ckpt.parent / "vision_tokenizer_config.yaml"
+    return ckpt, (yaml_path if yaml_path.is_file() else None)
+
+
+_OFFICIAL_CLIP_NAMES = {"openai-clip-vit-large-patch14-336": "ViT-L-14-336"}
+
+
+def config_from_official_yaml(path: str | Path) -> "TokenizerConfig":
+    """TokenizerConfig from the official vision_tokenizer_config.yaml (reference 1.2)."""
+    import yaml
+
+    from .config import TokenizerConfig
+
+    data = yaml.safe_load(Path(path).read_text())
+    params = (data or {}).get("params") or {}
+    dd = params.get("ddconfig") or {}
+    if not dd:
+        raise CheckpointError(f"{path} has no params.ddconfig section; is it a Libra vision_tokenizer_config.yaml?")
+    clip_name = Path(str(dd.get("encoder_name", ""))).name
+    if clip_name not in _OFFICIAL_CLIP_NAMES:
+        raise CheckpointError(
+            f"{path}: encoder_name {dd.get('encoder_name')!r} has no known open_clip equivalent "
+            f"(known: {sorted(_OFFICIAL_CLIP_NAMES)}); pass clip=<open_clip model name>"
+        )
+    codebook_size = int(params.get("codebook_size", 512))
+    return TokenizerConfig(
+        clip_model=_OFFICIAL_CLIP_NAMES[clip_name],
+        clip_pretrained=None,
+        feature_layers=tuple(dd["select_layer"]),
+        resolution=int(dd["resolution"]),
+        embed_dim=int(params["embed_dim"]),
+        codebook_bits=codebook_size.bit_length() - 1,
+        num_codebooks=int(params.get("num_codebook", 2)),
+        z_channels=int(dd["z_channels"]),
+        ch=int(dd["ch"]),
+        ch_mult=tuple(dd["ch_mult"]),
+        num_res_blocks=int(dd["num_res_blocks"]),
+        attn_resolutions=tuple(dd["attn_resolutions"]),
+        num_attn_heads=int(dd.get("num_attn_head", 1)),
+        dropout=float(dd.get("dropout", 0.0)),
+        out_ch=int(dd.get("out_ch", 3)),
+    )
+
+
+def load_official(
+    path: str | Path,
+    clip: str | None = None,
+    config: "TokenizerConfig | str | None" = None,
+    *,
+    trust_pickle: bool = False,
+) -> "ImageTokenizer":
+    """Load the official Libra tokenizer (`vqgan.ckpt`, or its folder) as an ImageTokenizer.
+
+    config: a TokenizerConfig or preset name; default: the folder's
+        vision_tokenizer_config.yaml if present, else the `libra-l336` preset.
+    clip: open_clip model name of the CLIP architecture, overriding the config's.
+    trust_pickle: allow non-tensor objects in the pickle (only for files you trust).
+    """
+    from .config import TokenizerConfig
+    from .model import ImageTokenizer
+
+    ckpt, yaml_path = find_official_files(path)
+    if isinstance(config, str):
+        config = TokenizerConfig.from_preset(config)
+    if config is None:
+        config = config_from_official_yaml(yaml_path) if yaml_path else TokenizerConfig.from_preset("libra-l336")
+    config = config.replace(clip_pretrained=None)
+    if clip is not None:
+        config = config.replace(clip_model=clip)
+
+    raw = read_state_dict(ckpt, trust_pickle=trust_pickle)
+    if not any(k.startswith(OFFICIAL_CLIP_PREFIX) for k in raw) or "quant_conv.weight" not in raw:
+        raise CheckpointError(
+            f"{ckpt} is not an official Libra tokenizer checkpoint: expected keys such as "
+            f"{_sample(OFFICIAL_EXAMPLE_KEYS)}; found {_sample(raw)}"
+        )
+    state = official_to_ours(raw, str(ckpt))
+    mask = state.get("quantizer.lfq.mask")
+    expected_mask = 2 ** torch.arange(config.codebook_bits - 1, -1, -1)
+    if mask is not None and not torch.equal(mask.long(), expected_mask):
+        raise CheckpointError(f"{ckpt}: quantize.mask is {mask.tolist()}, expected MSB-first {expected_mask.tolist()}")
+    model = ImageTokenizer.empty(config)
+    load_tokenizer_state(
+        model,
+        state,
+        str(ckpt),
+        hint=f"The model was built for clip {config.clip_model}, resolution {config.resolution}, embed_dim "
+        f"{config.embed_dim}, ch {config.ch}, ch_mult {list(config.ch_mult)}; if the checkpoint has other "
+        f"dimensions pass its config (config=..., CLI --config/--preset).",
+    )
+    return model
+
+
+__all__ = [
+    "CheckpointError",
+    "read_state_dict",
+    "hf_clip_vision_to_open_clip",
+    "clip_state_dict_to_open_clip",
+    "official_to_ours",
+    "check_tokenizer_state",
+    "load_tokenizer_state",
+    "config_from_official_yaml",
+    "load_official",
+]

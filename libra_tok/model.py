@@ -1,0 +1,212 @@
+"""ImageTokenizer: frozen CLIP features -> two LFQ ids per patch -> conv decoder.
+
+    tok = ImageTokenizer.from_pretrained("path/to/tokenizer")      # or load_official(...)
+    pixels = tok.preprocess([Image.open("cat.jpg")])                # (B, 3, R, R), CLIP-normalised
+    out = tok.encode(pixels)                                        # .ids (B, 576, 2), .features (B, 576, 4096)
+    images = tok.decode(out.ids)                                    # (B, 3, R, R) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoint import CheckpointError, load_official, load_tokenizer_state
+from .config import TokenizerConfig
+from .decoder import Decoder
+from .encoder import ClipFeatureEncoder
+from .fileio import atomic_save_safetensors, atomic_write_json
+from .preprocess import clip_to_signed, preprocess_images
+from .quantizer import Quantizer
+
+FORMAT_NAME = "libra-tok"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class EncodeOutput:
+    ids: torch.Tensor  # (B, G*G, num_codebooks) int64, row-major grid; column 0 = id1
+    features: torch.Tensor  # (B, G*G, feature_dim) float32: the CLIP concat (LM contiguous signal)
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: torch.Tensor  # (B, 3, R, R), unclamped, target range [-1, 1]
+    ids: torch.Tensor
+    aux_loss: torch.Tensor  # LFQ entropy + commitment (weighted), 0 in eval mode
+    features: torch.Tensor
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast, fp32, or "auto": bf16 on CUDA, fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class ImageTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig | str, load_clip_weights: bool = True):
+        super().__init__()
+        if isinstance(config, str):
+            config = TokenizerConfig.from_preset(config)
+        self.config = config
+        self.encoder = ClipFeatureEncoder(config, load_weights=load_clip_weights)
+        self.quantizer = Quantizer(config, self.encoder.feature_dim)
+        self.decoder = Decoder(config)
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ImageTokenizer":
+        return cls(TokenizerConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def empty(cls, config: TokenizerConfig) -> "ImageTokenizer":
+        """A model on the meta device (no memory, no random init) for
+        `checkpoint.load_tokenizer_state`, which checks shapes and assigns real tensors."""
+        with torch.device("meta"):
+            return cls(config, load_clip_weights=False)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device | None = None, *, trust_pickle: bool = False
+    ) -> "ImageTokenizer":
+        """Load a folder written by `save_pretrained`, or an official Libra `vqgan.ckpt`
+        (the file or its folder; see `libra_tok.checkpoint.load_official`)."""
+        path = Path(path).expanduser()
+        if (path / CONFIG_FILE).is_file():
+            model = cls._load_ours(path)
+        elif path.is_file() or (path / "vqgan.ckpt").is_file():
+            model = load_official(path, trust_pickle=trust_pickle)
+        else:
+            raise FileNotFoundError(
+                f"{path} is not a tokenizer: expected a folder written by save_pretrained "
+                f"({CONFIG_FILE} + {WEIGHTS_FILE}), an official Libra folder with vqgan.ckpt, or a .ckpt file"
+            )
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def _load_ours(cls, folder: Path) -> "ImageTokenizer":
+        from safetensors.torch import load_file
+
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        if meta.get("format") != FORMAT_NAME or "config" not in meta:
+            raise CheckpointError(
+                f"{folder / CONFIG_FILE} is not a libra-tok config (format {meta.get('format')!r}); "
+                f"expected format {FORMAT_NAME!r} with a 'config' section"
+            )
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{folder} was written by a newer libra (format {meta['format_version']} > "
+                f"{FORMAT_VERSION}); upgrade the package"
+            )
+        weights = folder / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+        model = cls.empty(TokenizerConfig.from_dict(meta["config"]))
+        load_tokenizer_state(model, load_file(str(weights)), str(weights))
+        return model
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` (CLIP included: the folder stands alone)."""
+        from . import __version__
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(self.state_dict(), path / WEIGHTS_FILE, metadata={"format": "pt"})
+        atomic_write_json(
+            path / CONFIG_FILE,
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "libra_version": __version__,
+                "config": self.config.to_dict(),
+            },
+        )
+        return path
+
+    # ---- shapes and parameters -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_out.weight.device
+
+    @property
+    def grid_size(self) -> int:
+        return self.config.grid_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Quantizer and decoder; CLIP is frozen (official generator optimiser group)."""
+        yield from self.quantizer.parameters()
+        yield from self.decoder.parameters()
+
+    # ---- the pipeline ----------------------------------------------------------------------
+    def preprocess(self, images: Iterable[Image.Image | str | Path], pad_mode: str | None = None) -> torch.Tensor:
+        """PIL images (or paths) -> (B, 3, R, R) CLIP-normalised float32 on the CPU."""
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        cfg = self.config
+        return preprocess_images(images, cfg.resolution, pad_mode or cfg.pad_mode, cfg.image_mean, cfg.image_std)
+
+    def target(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The reconstruction target of CLIP-normalised `pixels`: the image in [-1, 1]."""
+        return clip_to_signed(pixels, self.config.image_mean, self.config.image_std)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        r = self.config.resolution
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, r, r):
+            raise ValueError(f"expected pixels of shape (B, 3, {r}, {r}) from preprocess(), got {tuple(pixels.shape)}")
+        return pixels.to(self.device, dtype=torch.float32, non_blocking=True)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, precision: str = "auto") -> EncodeOutput:
+        """CLIP-normalised pixels -> ids and CLIP features. CLIP runs under `precision`
+        (auto: bf16 autocast on CUDA, fp32 elsewhere); the quantizer always in fp32."""
+        pixels = self._check_pixels(pixels)
+        with autocast_for(pixels.device, precision):
+            features = self.encoder(pixels)
+        features = features.float()
+        return EncodeOutput(ids=self.quantizer.encode_ids(features), features=features)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, precision: str = "auto") -> torch.Tensor:
+        """(B, G*G, 2) ids -> images (B, 3, R, R) clamped to [-1, 1]."""
+        n = self.num_tokens
+        if ids.ndim != 3 or ids.shape[1] != n:
+            raise ValueError(f"expected ids of shape (B, {n}, {self.config.num_codebooks}), got {tuple(ids.shape)}")
+        ids = ids.to(self.device)
+        z = self.quantizer.ids_to_z(ids)
+        with autocast_for(ids.device, precision):
+            images = self.decoder(z)
+        return images.float().clamp_(-1.0, 1.0)
+
+    def forward(self, pixels: torch.Tensor) -> TokenizerOutput:
+        """Training pass: gradients reach the quantizer and decoder (straight-through LFQ)."""
+        pixels = self._check_pixels(pixels)
+        features = self.encoder(pixels)
+        q = self.quantizer(features)
+        return TokenizerOutput(reconstruction=self.decoder(q.z), ids=q.ids, aux_loss=q.aux_loss, features=features)
+
+
+__all__ = ["ImageTokenizer", "EncodeOutput", "TokenizerOutput", "autocast_for", "PRECISIONS"]

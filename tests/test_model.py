@@ -1,0 +1,61 @@
+"""ImageTokenizer: the encode/decode contract of DESIGN.md."""
+
+import pytest
+import torch
+
+from libra_tok import ImageTokenizer
+
+
+def test_encode_decode_contract(tiny_tok, tiny_pixels):
+    out = tiny_tok.encode(tiny_pixels)
+    assert out.ids.shape == (4, 64, 2) and out.ids.dtype == torch.long
+    assert 0 <= int(out.ids.min()) and int(out.ids.max()) < 512
+    assert out.features.shape == (4, 64, 192) and out.features.dtype == torch.float32
+    images = tiny_tok.decode(out.ids)
+    assert images.shape == (4, 3, 112, 112)
+    assert images.min() >= -1 and images.max() <= 1
+    assert torch.equal(tiny_tok.encode(tiny_pixels).ids, out.ids)  # deterministic
+
+
+def test_forward_equals_encode_then_decode_in_eval(tiny_tok, tiny_pixels):
+    with torch.no_grad():
+        fwd = tiny_tok(tiny_pixels)
+    enc = tiny_tok.encode(tiny_pixels)
+    assert torch.equal(fwd.ids, enc.ids)
+    torch.testing.assert_close(fwd.reconstruction.clamp(-1, 1), tiny_tok.decode(enc.ids), rtol=1e-5, atol=1e-5)
+    assert float(fwd.aux_loss) == 0.0
+
+
+def test_training_gradients_reach_only_trainable_parts(tiny_pixels):
+    torch.manual_seed(0)
+    tok = ImageTokenizer("tiny").train()
+    out = tok(tiny_pixels[:2])
+    loss = (out.reconstruction - tok.target(tiny_pixels[:2])).abs().mean() + out.aux_loss
+    loss.backward()
+    assert all(p.grad is None for p in tok.encoder.parameters())
+    trainable = list(tok.trainable_parameters())
+    assert all(p.grad is not None for p in trainable)
+    assert len(trainable) == len(list(tok.quantizer.parameters())) + len(list(tok.decoder.parameters()))
+
+
+def test_target_is_image_in_signed_range(tiny_tok, tiny_pixels):
+    t = tiny_tok.target(tiny_pixels)
+    assert t.min() >= -1.05 and t.max() <= 1.05
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (3, 112, 112), (1, 1, 112, 112)])
+def test_wrong_pixel_shapes_are_explained(tiny_tok, shape):
+    with pytest.raises(ValueError, match=r"expected pixels of shape \(B, 3, 112, 112\)"):
+        tiny_tok.encode(torch.zeros(shape))
+
+
+def test_wrong_id_shapes_are_explained(tiny_tok):
+    with pytest.raises(ValueError, match=r"expected ids of shape \(B, 64, 2\)"):
+        tiny_tok.decode(torch.zeros(1, 576, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="precision"):
+        tiny_tok.encode(torch.zeros(1, 3, 112, 112), precision="fp8")
+
+
+def test_preset_by_name_and_unknown_preset():
+    with pytest.raises(ValueError, match="presets: \\['libra-l336', 'tiny'\\]"):
+        ImageTokenizer("huge")
