@@ -124,14 +124,9 @@ def list_images(inputs: Iterable[str | Path], recursive: bool = True) -> list[Im
     return records
 
 
-def read_image(record: ImageRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a record to 8-bit RGB; any failure becomes an ImageReadError with the reason."""
-    try:
-        data = record.read_bytes()
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
-    except OSError as exc:
-        raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode encoded image bytes to 8-bit RGB; any failure is an ImageReadError with the reason
+    (empty, not an image, corrupt/truncated, too many pixels, degenerate size)."""
     if not data:
         raise ImageReadError("empty file")
     try:
@@ -150,6 +145,17 @@ def read_image(record: ImageRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         reason = "not an image" if type(exc).__name__ == "UnidentifiedImageError" else f"corrupt image: {exc}"
         raise ImageReadError(reason) from None
+
+
+def read_image(record: ImageRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read and decode a record to 8-bit RGB; failures become an ImageReadError with the reason."""
+    try:
+        data = record.read_bytes()
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
+    return decode_image_bytes(data, max_pixels)
 
 
 class EvalImages(Dataset):
@@ -246,6 +252,7 @@ __all__ = [
     "ImageReadError",
     "list_images",
     "read_image",
+    "decode_image_bytes",
     "EvalImages",
     "TrainImages",
     "collate_images",
