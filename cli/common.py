@@ -26,3 +26,97 @@ def fail_on_errors(fn):
             raise click.ClickException(message) from exc
 
     return wrapper
+
+
+# ---- dataclass <-> command-line options -------------------------------------------------------
+def _field_kind(tp) -> tuple[str, type | None]:
+    """('flag' | 'list' | 'tuple' | 'mapping' | 'scalar', scalar type) of a field annotation."""
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _field_kind(args[0])
+    if tp is bool:
+        return "flag", bool
+    if origin is list or tp is list:
+        return "list", str
+    if origin is tuple or tp is tuple:
+        return "tuple", args[0] if args else str
+    if origin is dict or tp is dict:
+        return "mapping", None
+    return "scalar", tp if tp in (int, float, str) else str
+
+
+def dataclass_options(cls, skip: tuple[str, ...] = ()):
+    """Add one `--field-name` option per dataclass field, documented from the field's
+    metadata["help"]. Options default to None ("not given"), so they override a config file
+    only where the user typed them; `options_to_overrides` collects them."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+
+    def decorator(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in skip:
+                continue
+            kind, scalar = _field_kind(hints[f.name])
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
+            help_text = f.metadata.get("help", "")
+            name = f.name.replace("_", "-")
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help_text = f"{help_text} [default: {shown}]"
+            if kind == "flag":
+                fn = click.option(f"--{name}/--no-{name}", f.name, default=None, help=help_text)(fn)
+            elif kind == "list":
+                fn = click.option(f"--{name}", f.name, multiple=True, help=help_text + " (repeatable)")(fn)
+            elif kind == "tuple":
+                fn = click.option(f"--{name}", f.name, default=None, metavar="A,B",
+                                  callback=_tuple_callback(scalar), help=help_text)(fn)
+            elif kind == "mapping":
+                fn = click.option(f"--{name}", f.name, default=None, metavar="YAML",
+                                  callback=_mapping_callback, help=help_text + " (a YAML/JSON mapping)")(fn)
+            else:
+                fn = click.option(f"--{name}", f.name, default=None, type=scalar, help=help_text)(fn)
+        return fn
+
+    return decorator
+
+
+def _tuple_callback(scalar):
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(scalar(v.strip()) for v in value.split(","))
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {scalar.__name__} values, got {value!r}")
+
+    return parse
+
+
+def _mapping_callback(ctx, param, value):
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"not a YAML mapping: {exc}")
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"expected a mapping such as '{{clip_pretrained: /path}}', got {value!r}")
+    return data
+
+
+def options_to_overrides(options: dict) -> dict:
+    """The options the user gave (None and empty repeatable options mean "not given")."""
+    return {k: (list(v) if isinstance(v, tuple) and k == "data" else v) for k, v in options.items()
+            if v is not None and not (isinstance(v, tuple) and len(v) == 0)}

@@ -13,10 +13,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import vector_quantize_pytorch.lookup_free_quantization as _lfq_module
 from torch import nn
 from vector_quantize_pytorch import LFQ
 
 from .config import TokenizerConfig
+
+
+def _distributed_mean(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable mean over DDP ranks of LFQ's batch-average code probabilities.
+
+    vector-quantize-pytorch (checked up to 1.32) discards the result of the out-of-place
+    `torch.distributed.nn.all_reduce`, so under DDP its entropy term used avg_prob / world
+    size instead of the mean over ranks (and it caches `is_distributed` at its first call).
+    Replacing the module-level helper fixes both; single-process behaviour is unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    from torch.distributed import nn as dist_nn
+
+    return dist_nn.all_reduce(t) / dist.get_world_size()
+
+
+_lfq_module.maybe_distributed_mean = _distributed_mean
 
 
 @dataclass

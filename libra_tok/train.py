@@ -1,0 +1,662 @@
+"""Tokenizer training: one process or torchrun DDP, exact resume, atomic checkpoints.
+
+    from libra_tok.train import TrainConfig, train
+    train(TrainConfig(data=["images/"], preset="tiny", steps=200, out_dir="runs/tiny"))
+
+The frozen CLIP encoder is never trained; the generator (quantizer + decoder) and the PatchGAN
+discriminator each have an AdamW (betas 0.5, 0.9, as the official optimisers). Every random
+choice of the data pipeline is a function of (seed, sample number), so a run resumed from a
+checkpoint continues exactly as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import TokenizerConfig
+from .data import ImageRecord, ImageReadError, TrainImages, collate_images, list_images, read_image
+from .fileio import atomic_path, atomic_save_image, atomic_write_json
+from .loss import LossWeights, NLayerDiscriminator, TokenizerLoss
+from .model import ImageTokenizer, autocast_for
+from .preprocess import preprocess_image
+
+log = logging.getLogger("libra_tok.train")
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest.json"
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every field can be set in a YAML/JSON file and overridden on the command line."""
+
+    data: list[str] = _help("image folders (recursive), file lists or tar shards", default_factory=list)
+    out_dir: str = _help("run folder: checkpoints, samples, metrics, the final tokenizer", default="runs/libra-tok")
+    preset: str = _help("tokenizer preset (libra-l336 or tiny)", default="tiny")
+    tokenizer: dict = _help("TokenizerConfig overrides, e.g. {clip_pretrained: /path/clip.bin}", default_factory=dict)
+    init_from: str | None = _help("start from this tokenizer (folder or official vqgan.ckpt) instead of the preset", default=None)
+    steps: int = _help("optimiser steps", default=2000)
+    batch_size: int = _help("images per step and process", default=8)
+    lr: float = _help("peak learning rate of the generator (quantizer + decoder)", default=1e-4)
+    disc_lr: float | None = _help("peak learning rate of the discriminator (default: lr)", default=None)
+    betas: tuple[float, float] = _help("AdamW betas (official: 0.5, 0.9)", default=(0.5, 0.9))
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    warmup_steps: int = _help("linear warm-up steps", default=500)
+    min_lr_ratio: float = _help("cosine decays to lr * min_lr_ratio", default=0.1)
+    grad_clip: float = _help("max gradient norm (0 = off)", default=1.0)
+    l1_weight: float = _help("L1 reconstruction weight", default=1.0)
+    l2_weight: float = _help("L2 reconstruction weight", default=0.0)
+    perceptual_weight: float = _help("LPIPS weight (0 = off; needs the backbone weights in TORCH_HOME)", default=1.0)
+    perceptual_net: str = _help("LPIPS backbone: vgg (official) or alex", default="vgg")
+    codebook_weight: float = _help("weight of the LFQ entropy + commitment loss", default=1.0)
+    disc_weight: float = _help("GAN weight (times the adaptive weight)", default=1.0)
+    disc_start: int = _help("step at which the GAN loss starts (-1 = never)", default=5000)
+    disc_layers: int = _help("PatchGAN layers", default=3)
+    disc_channels: int = _help("PatchGAN base channels", default=64)
+    ema_decay: float = _help("EMA decay of the trainable weights (0 = off)", default=0.999)
+    crop_scale: tuple[float, float] = _help("random-resized-crop area range", default=(0.5, 1.0))
+    flip: bool = _help("random horizontal flips", default=True)
+    holdout: int = _help("images held out of training for sample grids and held-out PSNR", default=8)
+    precision: str = _help("auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; LFQ always fp32", default="auto")
+    num_workers: int = _help("data-loader worker processes", default=2)
+    cache_images: bool = _help("keep decoded images in memory (small datasets)", default=False)
+    log_every: int = _help("steps between metric lines", default=10)
+    save_every: int = _help("steps between checkpoints", default=1000)
+    sample_every: int = _help("steps between reconstruction grids of the held-out images", default=500)
+    keep_checkpoints: int = _help("checkpoints kept on disk (older ones are deleted)", default=2)
+    max_minutes: float | None = _help("stop (with a checkpoint) after this many minutes", default=None)
+    seed: int = _help("seed of initialisation and data order", default=0)
+    device: str | None = _help("cuda, cpu, ... (default: cuda if available)", default=None)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) and f.name != "data":
+                setattr(self, f.name, tuple(value))
+        self.data = [str(d) for d in self.data]
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16 for training, got {self.precision!r}")
+        if self.batch_size < 1 or self.steps < 0:
+            raise ValueError("batch_size must be >= 1 and steps >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(load_config_file(path))
+
+    def loss_weights(self) -> LossWeights:
+        return LossWeights(l1=self.l1_weight, l2=self.l2_weight, perceptual=self.perceptual_weight,
+                           codebook=self.codebook_weight, disc=self.disc_weight,
+                           disc_start=self.disc_start if self.disc_start >= 0 else 2**62)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON mapping of option names to values."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ---- distributed ------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def split_holdout(records: Sequence[ImageRecord], holdout: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, held out): `holdout` images taken at a fixed stride, so they spread over the
+    inputs; at least one image is always kept for training."""
+    n_hold = min(holdout, len(records) - 1)
+    if n_hold <= 0:
+        return list(records), []
+    stride = len(records) / n_hold
+    hold_idx = {int(i * stride + stride / 2) for i in range(n_hold)}
+    return ([r for i, r in enumerate(records) if i not in hold_idx],
+            [r for i, r in enumerate(records) if i in hold_idx])
+
+
+# ---- data order -------------------------------------------------------------------------------
+class KeyedBatches:
+    """Batches of (record index, sample seed) keys for batch number b = start, start+1, ...
+
+    Global sample g = (b * world + rank) * batch_size + i belongs to epoch g // n, position
+    g % n of that epoch's permutation (seeded by seed and epoch); its augmentation seed is a
+    function of (seed, g). Nothing depends on what ran before: resuming at batch b is exact.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, d: Dist, start: int = 0):
+        self.n, self.batch_size, self.seed, self.d, self.start = n, batch_size, seed, d, start
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))}
+        return self._perms[epoch]
+
+    def batch(self, b: int) -> list[tuple[int, int]]:
+        first = (b * self.d.world + self.d.rank) * self.batch_size
+        keys = []
+        for g in range(first, first + self.batch_size):
+            epoch, pos = divmod(g, self.n)
+            keys.append((int(self._perm(epoch)[pos]), (self.seed * 1_000_003 + g) % (2**63)))
+        return keys
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.start
+        while True:
+            yield self.batch(b)
+            b += 1
+
+
+# ---- EMA ----------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the trainable weights (quantizer + decoder)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        keys = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [params[k].detach().float() for k in keys], 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:5]}")
+        self.shadow = {k: v.clone().float() for k, v in state.items()}
+
+
+def _trainable_state(tok: ImageTokenizer) -> dict[str, torch.Tensor]:
+    """Quantizer and decoder tensors (parameters and buffers), keyed as in the tokenizer."""
+    return {k: v for k, v in tok.state_dict(keep_vars=True).items() if k.startswith(("quantizer.", "decoder."))
+            and isinstance(v, nn.Parameter)}
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_perceptual(net: str) -> nn.Module:
+    """LPIPS with pretrained backbone and linear heads (the `lpips` package)."""
+    import lpips
+
+    return lpips.LPIPS(net=net, pretrained=True, verbose=False)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR of [-1, 1] images measured on [0, 1] (data range 1)."""
+    mse = ((a.float() - b.float()) / 2).square().flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
+
+
+def side_by_side(rows: Sequence[Sequence[Any]], pad: int = 4, background=(255, 255, 255)):
+    """A grid image of PIL images (one list per row)."""
+    from PIL import Image
+
+    width = max(sum(im.width for im in row) + pad * (len(row) + 1) for row in rows)
+    height = sum(max(im.height for im in row) for row in rows) + pad * (len(rows) + 1)
+    canvas = Image.new("RGB", (width, height), background)
+    y = pad
+    for row in rows:
+        x = pad
+        for im in row:
+            canvas.paste(im, (x, y))
+            x += im.width + pad
+        y += max(im.height for im in row) + pad
+    return canvas
+
+
+# ---- the run ------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_tokenizer: Path
+    step: int
+    history: list[dict[str, Any]]
+    skipped_images: dict[str, str]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg = config
+        self.progress = progress
+        self.out = Path(config.out_dir)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.d = setup_distributed(self.device)
+        if self.device.type == "cuda" and self.d.world > 1:
+            self.device = torch.device("cuda", self.d.local_rank)
+            torch.cuda.set_device(self.device)
+
+        # Data first: an empty or unreadable input fails before any model is built.
+        self.records, self.holdout = self._split_data()
+        self.skipped: dict[str, str] = {}
+
+        ckpt_dir = self.out / CHECKPOINT_DIR
+        latest = ckpt_dir / LATEST
+        if latest.is_file() and not resume:
+            raise FileExistsError(
+                f"{self.out} already holds checkpoints (last: {json.loads(latest.read_text())['file']}); "
+                f"pass --resume to continue that run or choose another --out-dir"
+            )
+        self.resume_from = (ckpt_dir / json.loads(latest.read_text())["file"]) if (resume and latest.is_file()) else None
+
+        torch.manual_seed(config.seed)
+        self.tok = self._build_tokenizer().to(self.device)
+        self.disc = None
+        if config.disc_start >= 0 and config.disc_weight > 0:
+            self.disc = NLayerDiscriminator(ndf=config.disc_channels, n_layers=config.disc_layers).to(self.device)
+        perceptual = build_perceptual(config.perceptual_net).to(self.device) if config.perceptual_weight > 0 else None
+        self.loss = TokenizerLoss(config.loss_weights(), perceptual, None)
+
+        self.gen_params = list(self.tok.trainable_parameters())
+        self.opt = torch.optim.AdamW(self.gen_params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        sched = lambda s: lr_lambda(s, config.warmup_steps, config.steps, config.min_lr_ratio)  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, sched)
+        self.opt_d = None
+        if self.disc is not None:
+            self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        self.ema = EMA({k: v for k, v in _trainable_state(self.tok).items()}, config.ema_decay) if config.ema_decay > 0 else None
+
+        # DDP over the trainable parts; CLIP has no trainable parameter and is left alone.
+        self.tok_ddp: nn.Module = self.tok
+        self.disc_ddp = self.disc
+        if self.d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.tok_ddp = DDP(self.tok, device_ids=ids)
+            if self.disc is not None:
+                self.disc_ddp = DDP(self.disc, device_ids=ids)
+        self.loss.discriminator = self.disc  # the generator's GAN term runs the local module
+        self._tb = None
+
+        self.step = 0
+        self.batches_seen = 0
+        self.history: list[dict[str, Any]] = []
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+
+    # -- setup ------------------------------------------------------------------------------
+    def _split_data(self) -> tuple[list[ImageRecord], list[ImageRecord]]:
+        cfg = self.cfg
+        if not cfg.data:
+            raise ValueError("no training data given: pass image folders, file lists or tar shards")
+        records = list_images(cfg.data)
+        if not records:
+            raise ValueError(f"no images found in {', '.join(cfg.data)} (searched recursively for "
+                             f".jpg .jpeg .png .webp .bmp .gif .tif .tiff and .tar shards)")
+        probe = records[: min(16, len(records))]
+        reasons = []
+        for rec in probe:
+            try:
+                read_image(rec)
+                break
+            except ImageReadError as err:
+                reasons.append(f"{rec.name}: {err}")
+        else:
+            raise ValueError(f"none of the first {len(probe)} images could be read: " + "; ".join(reasons[:4]))
+        return split_holdout(records, cfg.holdout)
+
+    def _tokenizer_config(self) -> TokenizerConfig:
+        return TokenizerConfig.from_preset(self.cfg.preset, **self.cfg.tokenizer)
+
+    def _build_tokenizer(self) -> ImageTokenizer:
+        base = self.out / "init_tokenizer"
+        if self.resume_from is not None and (base / "config.json").is_file():
+            return ImageTokenizer.from_pretrained(base)  # the exact starting CLIP and weights
+        tok = ImageTokenizer.from_pretrained(self.cfg.init_from) if self.cfg.init_from else ImageTokenizer(self._tokenizer_config())
+        if self.d.main:
+            tok.save_pretrained(base)  # CLIP is frozen: stored once here, not in every checkpoint
+        return tok
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _checkpoint_state(self) -> dict[str, Any]:
+        state = {
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "config": self.cfg.to_dict(),
+            "trainable": {k: v.detach().cpu() for k, v in self.tok.state_dict().items() if k.startswith(("quantizer.", "decoder."))},
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "rng": _rng_state(),
+            "skipped_images": self.skipped,
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.disc is not None:
+            state.update(disc=self.disc.state_dict(), opt_d=self.opt_d.state_dict())
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.d.main:
+            return None
+        ckpt_dir = self.out / CHECKPOINT_DIR
+        name = f"step-{self.step:08d}.pt"
+        with atomic_path(ckpt_dir / name) as tmp:
+            torch.save(self._checkpoint_state(), tmp)
+        atomic_write_json(ckpt_dir / LATEST, {"file": name, "step": self.step})
+        kept = sorted(ckpt_dir.glob("step-*.pt"))
+        for old in kept[: max(0, len(kept) - max(1, self.cfg.keep_checkpoints))]:
+            old.unlink(missing_ok=True)
+        self.last_checkpoint = ckpt_dir / name
+        return ckpt_dir / name
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        missing = self.tok.load_state_dict(state["trainable"], strict=False)
+        unexpected_trainable = [k for k in missing.missing_keys if k.startswith(("quantizer.", "decoder."))]
+        if unexpected_trainable or missing.unexpected_keys:
+            raise ValueError(f"checkpoint {path} does not match the model: {unexpected_trainable[:5]} {missing.unexpected_keys[:5]}")
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        if self.disc is not None and "disc" in state:
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.batches_seen = int(state["batches_seen"])
+        self.skipped = dict(state.get("skipped_images", {}))
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- logging ------------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if not self.d.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as fh:  # append-only log; one line per record
+            fh.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, row["step"])
+
+    def _global_mean(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Average the per-process loss parts over ranks, so metrics describe the global batch."""
+        if self.d.world == 1:
+            return row
+        keys = sorted(k for k, v in row.items() if isinstance(v, float) and k not in ("loss", "lr", "grad_norm"))
+        values = _all_reduce_sum(torch.tensor([row[k] for k in keys], dtype=torch.float64), self.d) / self.d.world
+        return {**row, **dict(zip(keys, values.tolist()))}
+
+    def _open_tensorboard(self):
+        if not self.d.main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed: JSON lines only
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    @torch.no_grad()
+    def sample(self) -> dict[str, float]:
+        """Reconstruction grid and PSNR of the held-out images (EMA weights when kept)."""
+        if not self.holdout or not self.d.main:
+            return {}
+        images = []
+        for rec in self.holdout:
+            try:
+                images.append(preprocess_image(read_image(rec), self.tok.config.resolution, self.tok.config.pad_mode,
+                                               self.tok.config.image_mean, self.tok.config.image_std))
+            except ImageReadError:
+                continue
+        if not images:
+            return {}
+        pixels = torch.stack(images)
+        with self.ema_weights():
+            recon = self.tok.decode(self.tok.encode(pixels, precision=self.cfg.precision).ids, precision=self.cfg.precision)
+        target = self.tok.target(pixels.to(recon.device))
+        from .preprocess import to_pil
+
+        grid = side_by_side([[to_pil(t), to_pil(r)] for t, r in zip(target, recon)])
+        atomic_save_image(grid, self.out / "samples" / f"step-{self.step:08d}.png")
+        return {"holdout_psnr": float(psnr(recon, target).mean())}
+
+    class _Swap:
+        def __init__(self, trainer: "Trainer"):
+            self.t = trainer
+
+        def __enter__(self):
+            t = self.t
+            if t.ema is None:
+                return
+            params = _trainable_state(t.tok)
+            self.backup = {k: v.detach().clone() for k, v in params.items()}
+            with torch.no_grad():
+                for k, v in params.items():
+                    v.copy_(t.ema.shadow[k])
+
+        def __exit__(self, *exc):
+            t = self.t
+            if t.ema is None:
+                return
+            with torch.no_grad():
+                for k, v in _trainable_state(t.tok).items():
+                    v.copy_(self.backup[k])
+
+    def ema_weights(self) -> "_Swap":
+        return Trainer._Swap(self)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def _loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list]]:
+        cfg = self.cfg
+        tc = self.tok.config
+        dataset = TrainImages(self.records, tc.resolution, cfg.crop_scale, cfg.flip, tc.image_mean, tc.image_std,
+                              cache=cfg.cache_images)
+        batches = KeyedBatches(len(self.records), cfg.batch_size, cfg.seed, self.d, start=self.batches_seen)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, collate_fn=collate_images,
+                            pin_memory=self.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                            prefetch_factor=4 if cfg.num_workers > 0 else None)
+        return iter(loader)
+
+    def train_step(self, pixels: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        pixels = pixels.to(self.device, non_blocking=True)
+        target = self.tok.target(pixels)
+        self.tok.train()
+        if self.disc is not None:
+            # The generator step must not touch the discriminator's weights or its DDP reducer.
+            self.disc.requires_grad_(False)
+        with autocast_for(self.device, cfg.precision):
+            out = self.tok_ddp(pixels)
+            loss, row = self.loss.generator_loss(target, out.reconstruction, out.aux_loss, self.step,
+                                                 self.tok.decoder.conv_out.weight)
+        check = _all_reduce_sum(loss.detach().float().clone(), self.d)
+        if not torch.isfinite(check):
+            last = getattr(self, "last_checkpoint", None)
+            raise TrainingDiverged(
+                f"non-finite loss ({float(loss)}) at step {self.step}; last good checkpoint: "
+                f"{last if last else 'none yet'} (resume from it with a lower --lr, or check the data)"
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            row["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.gen_params, cfg.grad_clip))
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update({k: v for k, v in _trainable_state(self.tok).items()})
+
+        if self.loss.gan_active(self.step):
+            self.disc.train().requires_grad_(True)
+            # Same schedule shape as the generator, following the global step.
+            disc_lr = (cfg.disc_lr or cfg.lr) * lr_lambda(self.step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+            for group in self.opt_d.param_groups:
+                group["lr"] = disc_lr
+            with autocast_for(self.device, cfg.precision):
+                d_loss, d_row = self.loss.discriminator_loss(target, out.reconstruction, self.step, self.disc_ddp)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip)
+            self.opt_d.step()
+            row.update(d_row)
+        row["loss"] = float(check) / self.d.world
+        row["lr"] = self.sched.get_last_lr()[0]
+        return row
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train until `config.steps` (or `stop_at`, e.g. to split a run into chunks), then
+        write a checkpoint and the final tokenizer."""
+        cfg = self.cfg
+        last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+        self._tb = self._open_tensorboard()
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "train_config.json", cfg.to_dict())
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (self.progress and self.d.main),
+                   dynamic_ncols=True)
+        batches = self._loader()
+        started = time.perf_counter()
+        window_t, window_images = time.perf_counter(), 0
+        stop_reason = "done"
+        try:
+            while self.step < last:
+                _, pixels, bad = next(batches)
+                self.batches_seen += 1
+                for index, reason in bad:
+                    self.skipped[self.records[index].name] = reason
+                if pixels is None:  # every image of this batch was unreadable
+                    continue
+                row = self.train_step(pixels)
+                self.step += 1
+                window_images += pixels.shape[0] * self.d.world
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == last:
+                    row = self._global_mean(row)
+                    now = time.perf_counter()
+                    row.update(step=self.step, images_per_s=window_images / max(now - window_t, 1e-9),
+                               skipped_images=len(self.skipped))
+                    window_t, window_images = now, 0
+                    if self.step % cfg.sample_every == 0 or self.step == last:
+                        row.update(self.sample())
+                    self._log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+                elif self.step % cfg.sample_every == 0:
+                    self._log({"step": self.step, **self.sample()})
+                if self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                if cfg.max_minutes is not None and (time.perf_counter() - started) / 60 >= cfg.max_minutes:
+                    stop_reason = f"time limit of {cfg.max_minutes} min"
+                    break
+        finally:
+            bar.close()
+        if self.step % cfg.save_every != 0:
+            self.save_checkpoint()
+        final = self.out / "final"
+        if self.d.main:
+            with self.ema_weights():
+                self.tok.save_pretrained(final)
+            if self.skipped:
+                atomic_write_json(self.out / "skipped_images.json", self.skipped)
+            log.info("stopped at step %d (%s); tokenizer written to %s", self.step, stop_reason, final)
+        if self._tb is not None:
+            self._tb.close()
+        if self.d.world > 1:
+            dist.barrier()
+        return TrainResult(self.out, final, self.step, self.history, self.skipped)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainResult:
+    """Train a tokenizer; see TrainConfig for every option. `resume` continues the run in
+    `config.out_dir` from its latest checkpoint; `stop_at` ends this call early at that step
+    (the schedule still spans `config.steps`)."""
+    return Trainer(config, resume=resume, progress=progress).run(stop_at=stop_at)
+
+
+__all__ = ["TrainConfig", "train", "Trainer", "TrainResult", "TrainingDiverged", "KeyedBatches", "EMA",
+           "lr_lambda", "load_config_file", "split_holdout", "psnr", "side_by_side"]
