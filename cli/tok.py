@@ -107,6 +107,139 @@ def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: 
                f"{tok.num_tokens} tokens x {tok.config.num_codebooks} ids of {tok.config.codebook_bits} bits)")
 
 
+def _tokenizer_options(fn):
+    fn = click.option("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available).")(fn)
+    fn = click.option("--preset", default=None, help="Use a preset with fresh weights instead of a checkpoint "
+                      "(tests and smoke runs only: the ids mean nothing).")(fn)
+    fn = click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
+                      help="Tokenizer: a folder written by `libra-tok train`/`convert-official`, or the official vqgan.ckpt.")(fn)
+    return fn
+
+
+_precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                          show_default=True, help="CLIP precision: auto = bf16 autocast on CUDA, fp32 on CPU "
+                          "(the quantizer always runs in fp32; bf16 can flip ids whose pre-sign value is near 0).")
+
+
+@main.command("encode")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Shard folder (created; rerunning resumes where it stopped).")
+@_tokenizer_options
+@click.option("--save-features", is_flag=True, help="Also store the CLIP features (float16, tokens x feature_dim "
+              "per image: 4.7 MB per image for libra-l336) for LM training without recomputing them.")
+@click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
+@click.option("--shard-size", default=1000, show_default=True, help="Inputs per shard (a shard is written all-or-nothing).")
+@click.option("--num-shards", type=int, default=None, help="Split the inputs into this many shards instead of --shard-size.")
+@click.option("--rank", type=int, default=None, help="This process's rank (default: $RANK from torchrun, else 0); "
+              "rank r writes shards r, r+w, r+2w, ...")
+@click.option("--world-size", type=int, default=None, help="Number of processes or machines (default: $WORLD_SIZE, else 1).")
+@click.option("--num-workers", default=4, show_default=True, help="Image-decoding worker processes.")
+@click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse larger images (decompression bombs).")
+@_precision
+@fail_on_errors
+def encode(inputs, out_dir, checkpoint, preset, device, save_features, batch_size, shard_size, num_shards, rank,
+           world_size, num_workers, max_pixels, precision) -> None:
+    """Encode INPUTS (image folders searched recursively, file lists .txt/.lst, webdataset-style
+    .tar shards, or images) into id shards for LM training.
+
+    Captions come from sidecar .txt files, a captions.jsonl / captions.csv in a folder, or the
+    .txt/.json members of a tar. Unreadable inputs are listed in the shard manifests with the
+    reason and counted in the summary; they never stop the run.
+    """
+    from libra_tok.pipeline import encode_images, load_tokenizer
+
+    tok = load_tokenizer(checkpoint, preset, device)
+    summary = encode_images(inputs, out_dir, tok, tokenizer_source=str(checkpoint.resolve()) if checkpoint else None,
+                            batch_size=batch_size, shard_size=shard_size, num_shards=num_shards,
+                            save_features=save_features, rank=rank, world_size=world_size, num_workers=num_workers,
+                            precision=precision, max_pixels=max_pixels)
+    click.echo(f"{summary.samples} images encoded into {out_dir} ({len(summary.shards_written)} shards written, "
+               f"{len(summary.shards_already_done)} already complete, {summary.shards_total} in all; "
+               f"{summary.images_per_s:.1f} images/s)")
+    if summary.failed:
+        reasons: dict[str, int] = {}
+        for f in summary.failed:
+            key = f["reason"].split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        click.echo(f"{len(summary.failed)} unreadable input(s), listed in the shard manifests: "
+                   + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+
+
+@main.command("decode")
+@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="PNG folder.")
+@click.option("--indices", default=None, help="Samples to decode, e.g. '0,5,10-19' (default: all).")
+@_tokenizer_options
+@click.option("--batch-size", default=16, show_default=True)
+@_precision
+@fail_on_errors
+def decode(shard_dir, out_dir, indices, checkpoint, preset, device, batch_size, precision) -> None:
+    """Decode the ids in SHARD_DIR back to PNG images (default tokenizer: the one the shards name)."""
+    from libra_tok.pipeline import decode_shards, load_tokenizer
+
+    tok = load_tokenizer(checkpoint, preset, device) if (checkpoint or preset) else None
+    written = decode_shards(shard_dir, out_dir, tok, _parse_indices(indices), batch_size, precision)
+    click.echo(f"wrote {len(written)} images to {out_dir}")
+
+
+def _parse_indices(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
+                out.extend(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+        except ValueError:
+            raise click.BadParameter(f"expected indices like '0,5,10-19', got {text!r}", param_hint="--indices")
+    return out
+
+
+@main.command("reconstruct")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@_tokenizer_options
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--num-workers", default=2, show_default=True, help="Image-decoding worker processes.")
+@_precision
+@fail_on_errors
+def reconstruct(inputs, out_dir, checkpoint, preset, device, batch_size, num_workers, precision) -> None:
+    """Show what the tokenizer keeps: per image a PNG of original | reconstruction | error
+    heatmap, a contact sheet of all, and psnr.csv (PSNR on [0,1] at the tokenizer resolution)."""
+    from libra_tok.pipeline import load_tokenizer, reconstruct_images
+
+    tok = load_tokenizer(checkpoint, preset, device)
+    result = reconstruct_images(inputs, out_dir, tok, batch_size, precision, num_workers)
+    width = max([len(Path(r["name"]).name) for r in result.rows] + [5])
+    for row in result.rows:
+        click.echo(f"{Path(row['name']).name:<{width}}  {row['psnr']:7.2f} dB")
+    click.echo(f"{'mean':<{width}}  {result.mean_psnr:7.2f} dB over {len(result.rows)} images; "
+               f"contact sheet: {result.contact_sheet}")
+    if result.failed:
+        click.echo(f"{len(result.failed)} unreadable input(s): see {out_dir / 'failed.json'}")
+
+
+@main.command("verify")
+@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@fail_on_errors
+def verify(shard_dir) -> None:
+    """Check every shard file against the size and sha256 in its manifest (exit status 1 if any differ)."""
+    from libra_tok.shards import open_shards
+
+    shards = open_shards(shard_dir)
+    problems = shards.verify()
+    for p in problems:
+        click.echo(p, err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) in {shard_dir}")
+    click.echo(f"{len(shards.shards)} shards, {len(shards)} samples: all files match their sha256")
+
+
 @main.command("info")
 @click.argument("tokenizer", type=click.Path(exists=True, path_type=Path))
 @fail_on_errors

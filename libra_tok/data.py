@@ -68,6 +68,38 @@ def _sidecar_caption(path: Path) -> str | None:
     return None
 
 
+_FILE_KEYS = ("file", "image", "path", "file_name", "filename")
+_TEXT_KEYS = ("caption", "text", "alt", "prompt")
+
+
+def _caption_table(folder: Path) -> dict[str, str]:
+    """Captions from `captions.jsonl` or `captions.csv` in `folder`: relative image path ->
+    caption (columns/keys: file|image|path|file_name and caption|text|alt|prompt)."""
+    rows: list[dict] = []
+    jsonl, csv_path = folder / "captions.jsonl", folder / "captions.csv"
+    if jsonl.is_file():
+        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{jsonl}:{n}: not a JSON object ({exc.msg})") from None
+    elif csv_path.is_file():
+        import csv
+
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    table = {}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        name = next((row[k] for k in _FILE_KEYS if row.get(k)), None)
+        text = next((row[k] for k in _TEXT_KEYS if row.get(k)), None)
+        if name and text:
+            table[Path(str(name)).as_posix().removeprefix("./")] = str(text).strip()
+    return table
+
+
 def _tar_records(path: Path) -> list[ImageRecord]:
     """Image members of a webdataset-style tar (key.ext groups), captions from key.txt/key.json."""
     images: list[tarfile.TarInfo] = []
@@ -107,7 +139,9 @@ def list_images(inputs: Iterable[str | Path], recursive: bool = True) -> list[Im
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
             files = sorted(p for p in path.glob(pattern) if p.is_file() and _is_image(p))
-            records.extend(ImageRecord(str(p), caption=_sidecar_caption(p)) for p in files)
+            table = _caption_table(path)
+            records.extend(ImageRecord(str(p), caption=_sidecar_caption(p) or table.get(p.relative_to(path).as_posix()))
+                           for p in files)
             records.extend(r for t in sorted(path.glob(pattern)) if t.suffix == ".tar" for r in _tar_records(t))
         elif path.is_file() and path.suffix == ".tar":
             records.extend(_tar_records(path))
