@@ -1,0 +1,348 @@
+"""Reading and writing LM weights: our format, official Libra folders, HF LLaMA folders.
+
+All three use the same parameter names (the official ones, reference 6.2), so loading is
+a check of names and shapes, not a renaming:
+  ours        config.json {"format": "libra-lm", "config": {...}} + model.safetensors
+  official    config.json (model_type "libra") + model*.safetensors / pytorch_model*.bin,
+              sharded through an index or not; placeholder buffers and rotary inv_freq ignored
+  HF LLaMA    config.json (model_type "llama") + weights as above; every parameter without
+              "vision" in its name is loaded, the vision expert, bridges and heads are
+              initialised as the official init (reference 2.3, 2.11)
+`transformers` is never imported. Unknown, missing or mis-shaped keys raise a CheckpointError
+that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm import tqdm
+
+from libra_tok.checkpoint import CheckpointError, read_state_dict
+from libra_tok.fileio import atomic_save_safetensors, atomic_write_json
+
+from .config import LibraConfig
+
+if TYPE_CHECKING:
+    from .model import LibraForCausalLM
+
+FORMAT_NAME = "libra-lm"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+# Weight files of an HF-style folder, in order of preference.
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+# Official buffers that hold constants the model recomputes (reference 6.2).
+OFFICIAL_IGNORED_NAMES = frozenset({
+    "naive_placeholder",
+    "vision_logits_placeholder",
+    "language_logits_placeholder",
+    "eoi_to_newline_logits_placeholder",
+    "vision_hidden_placeholder",  # a parameter, but unused in the released "1d" mode
+})
+_KIND_NAMES = {"ours": "a libra-lm", "official": "an official Libra", "llama": "an HF LLaMA"}
+_ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _sample(keys: Iterable[str], n: int = 10) -> str:
+    keys = list(keys)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+def is_ignored_key(key: str) -> bool:
+    """Keys of official / HF folders that carry no weights of ours."""
+    return bool(_ROTARY.search(key)) or key.rsplit(".", 1)[-1] in OFFICIAL_IGNORED_NAMES
+
+
+# ---- formats and configs --------------------------------------------------------------------------
+def read_config_json(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a model folder: no {CONFIG_FILE}. Expected a folder written by "
+            f"save_pretrained, an official Libra folder or an HF LLaMA folder"
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def detect_format(meta: dict[str, Any], folder: Path) -> str:
+    """"ours", "official" or "llama" from a config.json."""
+    if meta.get("format") == FORMAT_NAME:
+        return "ours"
+    model_type = meta.get("model_type")
+    architectures = meta.get("architectures") or []
+    if model_type == "libra" or "LibraForCausalLM" in architectures:
+        return "official"
+    if model_type == "llama" or "LlamaForCausalLM" in architectures:
+        return "llama"
+    raise CheckpointError(
+        f"{folder / CONFIG_FILE} describes neither a libra-lm folder (format {FORMAT_NAME!r}), an official "
+        f"Libra model (model_type 'libra') nor an HF LLaMA (model_type 'llama'); found format "
+        f"{meta.get('format')!r}, model_type {model_type!r}"
+    )
+
+
+def _llama_fields(meta: dict[str, Any], source: str) -> dict[str, Any]:
+    """LibraConfig fields of the LLaMA part of an HF-style config.json, with checks for the
+    LLaMA variants this model does not implement."""
+    hidden, heads = int(meta["hidden_size"]), int(meta["num_attention_heads"])
+    problems = []
+    kv_heads = meta.get("num_key_value_heads")
+    if kv_heads not in (None, heads):
+        problems.append(f"grouped-query attention (num_key_value_heads {kv_heads} != num_attention_heads {heads})")
+    head_dim = meta.get("head_dim")
+    if head_dim not in (None, hidden // heads):
+        problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads = {hidden // heads}")
+    if meta.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {meta['hidden_act']!r} (only 'silu')")
+    if meta.get("attention_bias") or meta.get("mlp_bias"):
+        problems.append("attention/MLP biases")
+    rope = meta.get("rope_scaling") or {}
+    rope_params = meta.get("rope_parameters") or {}
+    for spec in (rope, rope_params):
+        kind = spec.get("rope_type", spec.get("type", "default"))
+        if kind != "default":
+            problems.append(f"RoPE scaling {kind!r} (only plain RoPE)")
+    if problems:
+        raise CheckpointError(f"{source}: unsupported LLaMA variant: " + "; ".join(problems))
+    theta = meta.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+
+    def first(value: Any, default: int) -> int:
+        if value is None:
+            return default
+        return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": int(meta["num_hidden_layers"]),
+        "num_attention_heads": heads,
+        "intermediate_size": int(meta["intermediate_size"]),
+        "text_vocab_size": int(meta["vocab_size"]),
+        "rms_norm_eps": float(meta.get("rms_norm_eps", 1e-6)),
+        "rope_theta": float(theta),
+        "max_position_embeddings": int(meta.get("max_position_embeddings", 2048)),
+        "initializer_range": float(meta.get("initializer_range", 0.02)),
+        "pad_token_id": first(meta.get("pad_token_id"), 0),
+        "bos_token_id": first(meta.get("bos_token_id"), 1),
+        "eos_token_id": first(meta.get("eos_token_id"), 2),
+    }
+
+
+def config_from_llama(meta: dict[str, Any], source: str = "config.json", **overrides: Any) -> LibraConfig:
+    """LibraConfig for an HF LLaMA config; vision fields from the libra-7b preset unless overridden."""
+    try:
+        fields = _llama_fields(meta, source)
+    except KeyError as exc:
+        raise CheckpointError(f"{source} lacks the LLaMA field {exc.args[0]!r}") from exc
+    return LibraConfig.from_preset("libra-7b", **{**fields, **overrides})
+
+
+# Official LibraConfig switches whose non-release values this model does not implement.
+_OFFICIAL_RELEASE_SWITCHES = {
+    "use_bridge": True,
+    "concat_signals": True,
+    "norm_signals": True,
+    "addition_mode": False,
+    "use_vision_position_embedding": False,
+    "unified_head": False,
+    "use_2d_rope": False,
+    "vision_prediction_mode": "1d",
+}
+
+
+def config_from_official(meta: dict[str, Any], source: str = "config.json", **overrides: Any) -> LibraConfig:
+    """LibraConfig for an official Libra config.json (reference 2.1)."""
+    try:
+        fields = _llama_fields(meta, source)
+    except KeyError as exc:
+        raise CheckpointError(f"{source} lacks the LLaMA field {exc.args[0]!r}") from exc
+    unsupported = [
+        f"{k}={meta[k]!r} (released: {v!r})" for k, v in _OFFICIAL_RELEASE_SWITCHES.items() if k in meta and meta[k] != v
+    ]
+    if unsupported:
+        raise CheckpointError(f"{source}: options outside the released Libra model are not implemented: "
+                              + ", ".join(unsupported))
+    resolution = int(meta.get("image_feature_resolution", 24))
+    vision_vocab = int(meta.get("vision_vocab_size", 514))
+    max_vision = meta.get("max_vision_token_length")
+    if max_vision is not None and int(max_vision) != resolution**2 + 2:
+        raise CheckpointError(f"{source}: max_vision_token_length {max_vision} != image_feature_resolution^2 + 2 "
+                              f"= {resolution**2 + 2}")
+    fields.update(
+        vision_down_ratio=int(meta.get("vision_down_ratio", 4)),
+        bridge_rank=int(meta.get("bridge_rank", 8)),
+        codebook_size=vision_vocab - 2,
+        num_codebooks=int(meta.get("vision_codebook_num", 2)),
+        contiguous_signal_size=int(meta.get("contiguous_signal_size", 4096)),
+        num_image_tokens=resolution**2,
+        newline_token_id=int(meta.get("newline_token_id", 13)),
+    )
+    return LibraConfig(**{**fields, **overrides})
+
+
+def config_from_ours(meta: dict[str, Any], source: str, **overrides: Any) -> LibraConfig:
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{source} was written by a newer libra (format {meta['format_version']} > "
+                              f"{FORMAT_VERSION}); upgrade the package")
+    if "config" not in meta:
+        raise CheckpointError(f"{source} has no 'config' section")
+    config = LibraConfig.from_dict(meta["config"])
+    return config.replace(**overrides) if overrides else config
+
+
+# ---- weight files ---------------------------------------------------------------------------------
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: the shards of an index, or a single file."""
+    for name in _INDEX_FILES:
+        index = folder / name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index} is not a weight index (no 'weight_map'): {exc}") from exc
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shard(s) that do not exist: {_sample(missing)}")
+            return files
+    for name in _SINGLE_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    raise FileNotFoundError(
+        f"{folder} has no weights: expected {' or '.join(_INDEX_FILES)} with its shards, or {' or '.join(_SINGLE_FILES)}"
+    )
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def load_pretrained(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_pickle: bool = False,
+    **config_overrides: Any,
+) -> "LibraForCausalLM":
+    """Build the model of a folder (ours, official Libra or HF LLaMA) and load its weights."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    meta = read_config_json(folder)
+    kind = detect_format(meta, folder)
+    source = str(folder / CONFIG_FILE)
+    if kind == "ours":
+        config = config_from_ours(meta, source, **config_overrides)
+    elif kind == "official":
+        config = config_from_official(meta, source, **config_overrides)
+    else:
+        config = config_from_llama(meta, source, **config_overrides)
+    tied = kind == "llama" and bool(meta.get("tie_word_embeddings", False))
+    return load_weights(
+        config, weight_files(folder), kind=kind, device=device, dtype=dtype, tied_embeddings=tied, trust_pickle=trust_pickle
+    )
+
+
+def load_weights(
+    config: LibraConfig,
+    files: list[Path],
+    *,
+    kind: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    tied_embeddings: bool = False,
+    trust_pickle: bool = False,
+) -> "LibraForCausalLM":
+    """A model of `config` with the weights of `files` ("ours" / "official" / "llama" rules)."""
+    from .model import LibraForCausalLM
+
+    device = torch.device(device or "cpu")
+    dtype = dtype or torch.float32
+    with torch.device("meta"):
+        model = LibraForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    state: dict[str, torch.Tensor] = {}
+    unexpected, mismatched, mis_shaped = [], [], set()
+    for file in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+        for key, tensor in read_state_dict(file, trust_pickle=trust_pickle).items():
+            if kind != "ours" and is_ignored_key(key):
+                continue
+            if key not in expected:
+                unexpected.append(key)
+            elif tuple(tensor.shape) != expected[key]:
+                mismatched.append(f"{key}: expected {expected[key]}, found {tuple(tensor.shape)}")
+                mis_shaped.add(key)
+            else:
+                state[key] = tensor.to(device=device, dtype=dtype)
+    if tied_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+
+    missing = [k for k in expected if k not in state and k not in mis_shaped]
+    fresh = [k for k in missing if kind == "llama" and "vision" in k]
+    missing = [k for k in missing if k not in fresh]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_sample(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_sample(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:10]))
+    if problems:
+        where = files[0].parent
+        raise CheckpointError(
+            f"weights in {where} do not fit {_KIND_NAMES[kind]} model with hidden_size {config.hidden_size}, "
+            f"{config.num_hidden_layers} layers, text vocab {config.text_vocab_size}, vision_down_ratio "
+            f"{config.vision_down_ratio}: " + " | ".join(problems)
+        )
+
+    model.load_state_dict(state, strict=False, assign=True)
+    # Fresh (vision) modules: real memory, then the official init.
+    fresh_modules = [m for m in model.modules() if any(p.is_meta for p in m.parameters(recurse=False))]
+    for module in fresh_modules:
+        module.to_empty(device=device, recurse=False)
+        module.to(dtype)
+    model.init_weights(fresh_modules)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"parameters left without data after loading: {_sample(left)}")
+    return model.train(False)
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+def save_pretrained(model: "LibraForCausalLM", path: str | Path) -> Path:
+    """config.json + model.safetensors, each written atomically (weights first)."""
+    from libra_tok import __version__
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(model.state_dict(), path / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_json(
+        path / CONFIG_FILE,
+        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "libra_version": __version__, "config": model.config.to_dict()},
+    )
+    return path
+
+
+__all__ = [
+    "CheckpointError",
+    "load_pretrained",
+    "load_weights",
+    "save_pretrained",
+    "weight_files",
+    "detect_format",
+    "config_from_llama",
+    "config_from_official",
+    "is_ignored_key",
+    "OFFICIAL_IGNORED_NAMES",
+]

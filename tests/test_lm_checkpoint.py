@@ -1,0 +1,253 @@
+"""LM weights: our format, HF LLaMA folders (vs transformers), the official Libra layout."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from libra_lm import LibraConfig, LibraForCausalLM
+from libra_lm.checkpoint import CheckpointError
+from test_lm_model import TINY, hf_llama_config, mixed_batch, randomize_
+
+
+# ---- our format ----------------------------------------------------------------------------------
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = randomize_(LibraForCausalLM(TINY)).eval()
+    model.save_pretrained(tmp_path / "lm")
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+    meta = json.loads((tmp_path / "lm" / "config.json").read_text())
+    assert meta["format"] == "libra-lm" and meta["config"] == TINY.to_dict()
+    loaded = LibraForCausalLM.from_pretrained(tmp_path / "lm")
+    assert loaded.config == TINY and not loaded.training
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    ids, feats = mixed_batch(TINY, [[("t", 3), ("i", 4), ("t", 2)]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, feats).text_logits, model(ids, feats).text_logits, rtol=0, atol=0)
+    assert all(p.requires_grad for p in loaded.parameters())
+    half = LibraForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in half.parameters())
+
+
+def test_unknown_missing_and_mis_shaped_keys_are_listed(tmp_path):
+    model = LibraForCausalLM(TINY)
+    folder = model.save_pretrained(tmp_path / "lm")
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
+    del weights["model.layers.1.mlp.vision_up_proj.weight_B"]
+    weights["model.norm.weight"] = torch.ones(65)
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        LibraForCausalLM.from_pretrained(folder)
+    message = str(info.value)
+    assert "missing 1 key(s): 'model.layers.1.mlp.vision_up_proj.weight_B'" in message
+    assert "unexpected 1 key(s): 'model.layers.0.self_attn.extra.weight'" in message
+    assert "model.norm.weight: expected (64,), found (65,)" in message
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LibraForCausalLM.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        LibraForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="model_type 'gpt2'"):
+        LibraForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "libra-lm", "format_version": 1, "config": TINY.to_dict()}))
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        LibraForCausalLM.from_pretrained(tmp_path)
+
+
+# ---- HF LLaMA folders ----------------------------------------------------------------------------
+def hf_llama(seed=0, **extra):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return randomize_(LlamaForCausalLM(hf_llama_config(TINY, **extra)), seed=seed).eval()
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
+def test_hf_llama_text_logits_equal_transformers(tmp_path, layout):
+    llama = hf_llama()
+    folder = tmp_path / "llama"
+    if layout == "bin":
+        folder.mkdir()
+        llama.config.save_pretrained(folder)
+        torch.save(llama.state_dict(), folder / "pytorch_model.bin")
+    else:
+        llama.save_pretrained(folder, max_shard_size="60KB" if layout == "sharded" else "10GB")
+    if layout == "sharded":
+        assert (folder / "model.safetensors.index.json").is_file()
+        # Loading needs no transformers at run time.
+        code = (f"import sys; from libra_lm import LibraForCausalLM; LibraForCausalLM.from_pretrained({str(folder)!r}); "
+                "assert 'transformers' not in sys.modules, 'transformers was imported'")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+
+    model = LibraForCausalLM.from_pretrained(folder, contiguous_signal_size=192, num_image_tokens=64)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.text_vocab_size, cfg.rms_norm_eps, cfg.rope_theta) == (64, 320, 1e-6, 10000.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.randint(3, 320, (2, 20), generator=g)], 1)
+    with torch.no_grad():
+        ref = llama(input_ids=ids).logits
+        ours = model(ids).text_logits
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+    # Vision parts: the official init (experts ~ N(0, 0.02), bridges' B = 0, norms 1).
+    sd = model.state_dict()
+    assert not sd["model.layers.0.self_attn.vision_k_bridge_on_language.weight_B"].any()
+    assert sd["model.layers.0.self_attn.vision_k_bridge_on_language.weight_A"].std() > 0.01
+    assert 0.01 < float(sd["model.layers.1.mlp.vision_up_proj.weight_B"].std()) < 0.03
+    assert torch.equal(sd["model.layers.0.vision_input_layernorm.weight"], torch.ones(64))
+    assert torch.equal(sd["model.vision_signal_norm.weight"], torch.ones(64 + 192))
+    # And the image path runs on the freshly initialised expert.
+    ids, feats = mixed_batch(cfg, [[("t", 2), ("i", 64), ("t", 2)]])
+    assert torch.isfinite(model(ids, feats).hidden_states).all()
+
+
+def test_hf_llama_tied_embeddings(tmp_path):
+    llama = hf_llama(seed=3, tie_word_embeddings=True)
+    llama.tie_weights()
+    llama.save_pretrained(tmp_path / "tied")
+    model = LibraForCausalLM.from_pretrained(tmp_path / "tied")
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    ids = torch.randint(3, 320, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).text_logits, llama(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_hf_llama_unsupported_variant(tmp_path):
+    llama = hf_llama()
+    llama.save_pretrained(tmp_path / "gqa")
+    meta = json.loads((tmp_path / "gqa" / "config.json").read_text())
+    meta["num_key_value_heads"] = 2
+    (tmp_path / "gqa" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"grouped-query attention \(num_key_value_heads 2"):
+        LibraForCausalLM.from_pretrained(tmp_path / "gqa")
+
+
+# ---- the official Libra layout (reference 6.2), written by hand ---------------------------------------
+def official_state_dict(cfg: LibraConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d, i, v, c = cfg.hidden_size, cfg.intermediate_size, cfg.text_vocab_size, cfg.contiguous_signal_size
+    ra, ri = d // 4, i // 4  # expert ranks: out_features // vision_down_ratio
+    shapes = {
+        "model.embed_tokens.weight": (v, d),
+        "lm_head.weight": (v, d),
+        "model.vision_embed_tokens.0.weight": (514, d // 2),
+        "model.vision_embed_tokens.1.weight": (514, d // 2),
+        "model.vision_signal_norm.weight": (d + c,),
+        "model.vision_contiguous_signal_processor.weight": (d, d + c),
+        "model.norm.weight": (d,),
+        "model.vision_norm.weight": (d,),
+        "vision_lm_head.heads.0.weight": (514, d),
+        "vision_lm_head.heads.1.weight": (514, d),
+    }
+    for layer in range(cfg.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        for proj in "qkvo":
+            shapes[f"{p}self_attn.{proj}_proj.weight"] = (d, d)
+            shapes[f"{p}self_attn.vision_{proj}_proj.weight_A"] = (ra, d)
+            shapes[f"{p}self_attn.vision_{proj}_proj.weight_B"] = (d, ra)
+        for kv in "kv":
+            for side in ("language", "vision"):
+                shapes[f"{p}self_attn.vision_{kv}_bridge_on_{side}.weight_A"] = (8, d)
+                shapes[f"{p}self_attn.vision_{kv}_bridge_on_{side}.weight_B"] = (d, 8)
+        shapes[f"{p}mlp.gate_proj.weight"] = (i, d)
+        shapes[f"{p}mlp.up_proj.weight"] = (i, d)
+        shapes[f"{p}mlp.down_proj.weight"] = (d, i)
+        for proj in ("gate", "up"):
+            shapes[f"{p}mlp.vision_{proj}_proj.weight_A"] = (ri, d)
+            shapes[f"{p}mlp.vision_{proj}_proj.weight_B"] = (i, ri)
+        shapes[f"{p}mlp.vision_down_proj.weight_A"] = (ra, i)
+        shapes[f"{p}mlp.vision_down_proj.weight_B"] = (d, ra)
+        for norm in ("input_layernorm", "post_attention_layernorm", "vision_input_layernorm",
+                     "vision_post_attention_layernorm"):
+            shapes[f"{p}{norm}.weight"] = (d,)
+    return {k: (torch.randn(s, generator=g) * 0.1).to(torch.bfloat16) for k, s in shapes.items()}
+
+
+def official_extras(cfg: LibraConfig) -> dict[str, torch.Tensor]:
+    """Placeholders and buffers the official checkpoint may also hold (reference 6.2)."""
+    d, v = cfg.hidden_size, cfg.text_vocab_size
+    extras = {
+        "vision_hidden_placeholder": torch.randn(d),
+        "naive_placeholder": torch.zeros(d),
+        "vision_logits_placeholder": torch.full((1, 514), float("-inf")),
+        "language_logits_placeholder": torch.full((1, v), float("-inf")),
+        "eoi_to_newline_logits_placeholder": torch.full((1, 1, 1, v + 514), float("-inf")),
+    }
+    for layer in range(cfg.num_hidden_layers):
+        extras[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.rand(cfg.head_dim // 2)
+    return {k: t.to(torch.bfloat16) for k, t in extras.items()}
+
+
+def official_config_json(cfg: LibraConfig) -> dict:
+    return {
+        "architectures": ["LibraForCausalLM"], "model_type": "libra",
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_attention_heads, "vocab_size": cfg.text_vocab_size,
+        "rms_norm_eps": 1e-06, "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+        "vision_down_ratio": 4, "vision_vocab_size": 514, "vision_codebook_num": 2,
+        "max_vision_token_length": cfg.num_image_tokens + 2, "newline_token_id": 13,
+        "contiguous_signal_size": cfg.contiguous_signal_size, "image_feature_resolution": 8,
+        "vision_prediction_mode": "1d", "use_bridge": True, "bridge_rank": 8, "concat_signals": True,
+        "norm_signals": True, "addition_mode": False, "use_vision_position_embedding": False,
+        "unified_head": False, "use_2d_rope": False,
+    }
+
+
+def write_official_folder(folder, cfg=TINY, seed=0):
+    """Two safetensors shards + model.safetensors.index.json, as the released folders."""
+    folder.mkdir(parents=True)
+    weights = official_state_dict(cfg, seed)
+    everything = {**weights, **official_extras(cfg)}
+    keys = sorted(everything)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, shard_keys in shards.items():
+        save_file({k: everything[k] for k in shard_keys}, folder / name)
+        weight_map.update({k: name for k in shard_keys})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(official_config_json(cfg)))
+    return weights
+
+
+def test_official_layout_loads_every_key(tmp_path):
+    weights = write_official_folder(tmp_path / "libra")
+    model = LibraForCausalLM.from_pretrained(tmp_path / "libra")
+    assert model.config == TINY
+    state = model.state_dict()
+    assert set(state) == set(weights)  # every weight consumed, nothing left initialised
+    for k, v in weights.items():
+        assert torch.equal(state[k], v.float()), k
+    assert model.dtype == torch.float32
+    ids, feats = mixed_batch(TINY, [[("t", 2), ("i", 64), ("t", 3)]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, feats).hidden_states).all()
+
+
+def test_official_unknown_key_and_unsupported_switch(tmp_path):
+    write_official_folder(tmp_path / "a")
+    save_file({"model.layers.0.self_attn.vision_q_proj.lora": torch.zeros(1)}, tmp_path / "a" / "model-00003-of-00003.safetensors")
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.self_attn.vision_q_proj.lora"] = "model-00003-of-00003.safetensors"
+    (tmp_path / "a" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"unexpected 1 key\(s\): 'model.layers.0.self_attn.vision_q_proj.lora'"):
+        LibraForCausalLM.from_pretrained(tmp_path / "a")
+
+    write_official_folder(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    meta["use_2d_rope"] = True
+    (tmp_path / "b" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"use_2d_rope=True \(released: False\)"):
+        LibraForCausalLM.from_pretrained(tmp_path / "b")
