@@ -35,6 +35,12 @@ class ImageRecord:
     size: int = 0  # member size in bytes
     caption: str | None = None
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> "ImageRecord":
+        """The record of a shard sample's metadata (`libra_tok.shards`), to read its image again."""
+        return cls(str(meta["source"]), meta.get("member"), int(meta.get("offset", 0)), int(meta.get("size", 0)),
+                   meta.get("caption"))
+
     @property
     def name(self) -> str:
         return f"{self.source}::{self.member}" if self.member else self.source

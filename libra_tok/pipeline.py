@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, list_images, read_image
 from .fileio import atomic_path, atomic_save_image, atomic_write_json
+from .config import TokenizerConfig
 from .model import ImageTokenizer
 from .preprocess import preprocess_image, to_pil
 from .shards import ShardWriter, open_shards, read_manifest, remove_stale_temporaries, shard_name
@@ -33,17 +34,17 @@ log = logging.getLogger("libra_tok.pipeline")
 
 def load_tokenizer(checkpoint: str | Path | None = None, preset: str | None = None,
                    device: str | torch.device | None = None) -> ImageTokenizer:
-    """A tokenizer from a checkpoint (folder or official vqgan.ckpt), or a preset with fresh
-    weights (random quantizer and decoder: for tests and smoke runs only)."""
+    """A tokenizer from a checkpoint (folder or official vqgan.ckpt), or a preset with random
+    weights, CLIP included (for tests, smoke runs and timing only)."""
     if checkpoint is None and preset is None:
         raise ValueError("give a tokenizer: --checkpoint PATH (a trained or converted tokenizer) or --preset NAME")
     if checkpoint is not None:
         tok = ImageTokenizer.from_pretrained(checkpoint)
     else:
-        log.warning("preset %r with untrained quantizer and decoder: ids are not meaningful", preset)
+        log.warning("preset %r with random weights: ids are not meaningful", preset)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the same fresh weights on every run, so reruns resume
-            tok = ImageTokenizer(preset)
+            torch.manual_seed(0)  # the same random weights on every run, so reruns resume
+            tok = ImageTokenizer(TokenizerConfig.from_preset(preset, clip_pretrained=None))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return tok.to(device).eval()
 
@@ -115,8 +116,8 @@ def _batches_within(slices: Sequence[tuple[int, int]], batch_size: int) -> list[
 
 def _meta(record: ImageRecord, size: tuple[int, int]) -> dict[str, Any]:
     row: dict[str, Any] = {"source": record.source, "width": size[0], "height": size[1]}
-    if record.member is not None:
-        row["member"] = record.member
+    if record.member is not None:  # where the member's bytes are, to read it again without a scan
+        row.update(member=record.member, offset=record.offset, size=record.size)
     if record.caption is not None:
         row["caption"] = record.caption
     return row

@@ -120,6 +120,11 @@ def test_captions_and_tar_shards(tok, tmp_path, asset_images):
     captions = [s.meta.get("caption") for s in shards]
     assert captions == ["from a sidecar", "from jsonl", None, "tar json", "tar text"]
     assert shards[3].meta["member"] == "0001.png" and shards[3].meta["source"] == str(tar_path)
+    from libra_tok.data import ImageRecord, read_image
+
+    again = read_image(ImageRecord.from_meta(shards[3].meta))  # tar member read back by offset
+    with Image.open(asset_images[3]) as im:
+        assert np.array_equal(np.asarray(again), np.asarray(im.convert("RGB")))
     expected = direct_ids(tok, [asset_images[3], asset_images[4]])
     got = torch.from_numpy(np.stack([shards[3].ids, shards[4].ids]).astype(np.int64))
     assert torch.equal(got, expected)
