@@ -56,9 +56,12 @@ def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, see
               help="YAML or JSON file of training options; command-line options override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint (its saved "
               "options are the base; options given here override them, e.g. a larger --steps).")
+@click.option("--clip-weights", default=None, help="CLIP weights for a fresh tokenizer: an open_clip tag (openai), "
+              "a weights file (open_clip or HF CLIP) or an HF CLIP folder; same as --tokenizer '{clip_pretrained: ...}'.")
 @dataclass_options(TrainConfig, skip=("data",))
 @fail_on_errors
-def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, **options) -> None:
+def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, clip_weights: str | None,
+                  **options) -> None:
     """Train a tokenizer on DATA: image folders (recursive), file lists or tar shards.
 
     Single process by default; under `torchrun --nproc_per_node=N` every process trains on its
@@ -75,6 +78,8 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
         base = load_config_file(saved)
     if data:
         overrides["data"] = [str(d) for d in data]
+    if clip_weights is not None:
+        overrides["tokenizer"] = {**base.get("tokenizer", {}), **overrides.get("tokenizer", {}), "clip_pretrained": clip_weights}
     result = train(TrainConfig.from_dict({**base, **overrides}), resume=resume)
     click.echo(f"trained {result.step} steps; tokenizer: {result.final_tokenizer}")
     if result.skipped_images:
@@ -256,6 +261,10 @@ def info(tokenizer: Path) -> None:
     for name, module in (("encoder", tok.encoder), ("quantizer", tok.quantizer), ("decoder", tok.decoder)):
         click.echo(f"{name:<14} {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters")
 
+
+from cli.tok_eval import eval_command  # noqa: E402
+
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

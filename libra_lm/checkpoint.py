@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm import tqdm
 
-from libra_tok.checkpoint import CheckpointError, read_state_dict
+from libra_tok.checkpoint import CheckpointError, sample_keys, key_problems, read_state_dict
 from libra_tok.fileio import atomic_save_safetensors, atomic_write_json
 
 from .config import LibraConfig
@@ -50,12 +50,6 @@ OFFICIAL_IGNORED_NAMES = frozenset({
 })
 _KIND_NAMES = {"ours": "a libra-lm", "official": "an official Libra", "llama": "an HF LLaMA"}
 _ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-def _sample(keys: Iterable[str], n: int = 10) -> str:
-    keys = list(keys)
-    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
-    return ", ".join(repr(k) for k in keys[:n]) + more
 
 
 def is_ignored_key(key: str) -> bool:
@@ -215,7 +209,7 @@ def weight_files(folder: Path) -> list[Path]:
             files = [folder / f for f in dict.fromkeys(weight_map.values())]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
-                raise FileNotFoundError(f"{index} names shard(s) that do not exist: {_sample(missing)}")
+                raise FileNotFoundError(f"{index} names shard(s) that do not exist: {sample_keys(missing)}")
             return files
     for name in _SINGLE_FILES:
         if (folder / name).is_file():
@@ -291,13 +285,7 @@ def load_weights(
     missing = [k for k in expected if k not in state and k not in mis_shaped]
     fresh = [k for k in missing if kind == "llama" and "vision" in k]
     missing = [k for k in missing if k not in fresh]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_sample(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_sample(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:10]))
+    problems = key_problems(missing, unexpected, mismatched)
     if problems:
         where = files[0].parent
         raise CheckpointError(
@@ -315,7 +303,7 @@ def load_weights(
     model.init_weights(fresh_modules)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
-        raise CheckpointError(f"parameters left without data after loading: {_sample(left)}")
+        raise CheckpointError(f"parameters left without data after loading: {sample_keys(left)}")
     return model.train(False)
 
 

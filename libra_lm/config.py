@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from libra_tok.config import check_fields
+
 
 @dataclass
 class LibraConfig:
@@ -97,29 +99,16 @@ class LibraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LibraConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown LibraConfig field(s) {unknown}; known fields: {sorted(names)}")
-        return cls(**data)
+        return cls(**check_fields(cls, data))
 
     def replace(self, **changes: Any) -> "LibraConfig":
-        _check_fields(changes)
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **check_fields(LibraConfig, changes))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "LibraConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown LM preset {name!r}; presets: {sorted(PRESETS)}")
-        _check_fields(overrides)
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-
-def _check_fields(changes: dict[str, Any]) -> None:
-    names = {f.name for f in dataclasses.fields(LibraConfig)}
-    unknown = sorted(set(changes) - names)
-    if unknown:
-        raise ValueError(f"unknown LibraConfig field(s) {unknown}; known fields: {sorted(names)}")
+        return dataclasses.replace(PRESETS[name], **check_fields(cls, overrides))
 
 
 PRESETS: dict[str, LibraConfig] = {

@@ -62,7 +62,7 @@ def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise CheckpointError(f"{path} holds a dict without tensors (keys: {_sample(obj)})")
+        raise CheckpointError(f"{path} holds a dict without tensors (keys: {sample_keys(obj)})")
     if all(k.startswith("module.") for k in tensors):  # saved from DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
     return tensors
@@ -88,10 +88,22 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
         raise CheckpointError(f"cannot read {path} as a torch checkpoint: {exc}") from exc
 
 
-def _sample(keys: Any, n: int = 6) -> str:
+def sample_keys(keys: Any, n: int = 6) -> str:
     keys = list(keys)
     more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
     return ", ".join(repr(k) for k in keys[:n]) + more
+
+
+def key_problems(missing: list[str], unexpected: list[str], mismatched: list[str]) -> list[str]:
+    """Human-readable summaries of a state dict that does not fit a model (empty if it fits)."""
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {sample_keys(missing, 10)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {sample_keys(unexpected, 10)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:10]))
+    return problems
 
 
 # ---- CLIP naming ------------------------------------------------------------------------------
@@ -147,7 +159,7 @@ def hf_clip_vision_to_open_clip(hf: dict[str, torch.Tensor], source: str = "stat
                 continue
         unknown.append(key)
     if unknown:
-        raise CheckpointError(f"unrecognised CLIP vision keys in {source}: {_sample(unknown, 10)}")
+        raise CheckpointError(f"unrecognised CLIP vision keys in {source}: {sample_keys(unknown, 10)}")
     for (layer, kind), parts in sorted(qkv.items()):
         missing = [p for p in "qkv" if p not in parts]
         if missing:
@@ -173,7 +185,7 @@ def clip_state_dict_to_open_clip(sd: dict[str, torch.Tensor], source: str = "sta
         return dict(sd)
     raise CheckpointError(
         f"no CLIP vision weights found in {source}: expected keys starting with 'vision_model.' "
-        f"(HF), 'visual.' (open_clip) or '{OFFICIAL_CLIP_PREFIX}' (official Libra); found {_sample(sd)}"
+        f"(HF), 'visual.' (open_clip) or '{OFFICIAL_CLIP_PREFIX}' (official Libra); found {sample_keys(sd)}"
     )
 
 
@@ -193,7 +205,7 @@ def official_to_ours(sd: dict[str, torch.Tensor], source: str = "checkpoint") ->
             out[_OFFICIAL_PREFIXES[prefix] + key[len(prefix):]] = value
     if unconsumed:
         raise CheckpointError(
-            f"{source}: keys outside the official Libra tokenizer layout: {_sample(unconsumed, 10)} "
+            f"{source}: keys outside the official Libra tokenizer layout: {sample_keys(unconsumed, 10)} "
             f"(expected only {', '.join(repr(p + '*') for p in ['loss.', OFFICIAL_CLIP_PREFIX, *_OFFICIAL_PREFIXES])})"
         )
     return out
@@ -220,13 +232,7 @@ def check_tokenizer_state(model: "ImageTokenizer", state: dict[str, torch.Tensor
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_sample(missing, 10)}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} key(s): {_sample(unexpected, 10)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:10]))
+    problems = key_problems(missing, unexpected, mismatched)
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems) + (f"\n{hint}" if hint else ""))
 
@@ -240,7 +246,7 @@ def load_tokenizer_state(model: "ImageTokenizer", state: dict[str, torch.Tensor]
     model.quantizer.reset_nonpersistent_buffers()  # LFQ codebook/zero are not in state dicts
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
-        raise CheckpointError(f"{source}: tensors left without data after loading: {_sample(still_meta)}")
+        raise CheckpointError(f"{source}: tensors left without data after loading: {sample_keys(still_meta)}")
 
 
 def find_official_files(path: str | Path) -> tuple[Path, Path | None]:
@@ -331,7 +337,7 @@ def load_official(
     if not any(k.startswith(OFFICIAL_CLIP_PREFIX) for k in raw) or "quant_conv.weight" not in raw:
         raise CheckpointError(
             f"{ckpt} is not an official Libra tokenizer checkpoint: expected keys such as "
-            f"{_sample(OFFICIAL_EXAMPLE_KEYS)}; found {_sample(raw)}"
+            f"{sample_keys(OFFICIAL_EXAMPLE_KEYS)}; found {sample_keys(raw)}"
         )
     state = official_to_ours(raw, str(ckpt))
     mask = state.get("quantizer.lfq.mask")
@@ -356,6 +362,7 @@ __all__ = [
     "hf_clip_vision_to_open_clip",
     "clip_state_dict_to_open_clip",
     "official_to_ours",
+    "key_problems",
     "check_tokenizer_state",
     "load_tokenizer_state",
     "config_from_official_yaml",

@@ -46,6 +46,15 @@ def clip_vision_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def check_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` if every key names a field of dataclass `cls`, else a ValueError listing them."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(names)}")
+    return data
+
+
 @dataclass
 class TokenizerConfig:
     # Frozen CLIP encoder (open_clip).
@@ -137,13 +146,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TokenizerConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown TokenizerConfig field(s) {unknown}; known fields: {sorted(names)}"
-            )
-        return cls(**data)
+        return cls(**check_fields(cls, data))
 
     def replace(self, **changes: Any) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)
@@ -185,4 +188,4 @@ PRESETS: dict[str, TokenizerConfig] = {
     ),
 }
 
-__all__ = ["TokenizerConfig", "PRESETS", "CLIP_MEAN", "CLIP_STD", "clip_vision_config"]
+__all__ = ["TokenizerConfig", "PRESETS", "CLIP_MEAN", "CLIP_STD", "clip_vision_config", "check_fields"]

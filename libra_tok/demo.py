@@ -16,7 +16,9 @@ from .data import list_images, read_image
 from .fileio import atomic_save_image, atomic_write_json
 from .model import ImageTokenizer
 from .preprocess import to_pil
-from .train import TrainConfig, psnr, side_by_side, split_holdout, train
+from .metrics import psnr_signed
+from .preprocess import side_by_side
+from .train import TrainConfig, split_holdout, train
 
 
 def default_images_dir() -> Path | None:
@@ -90,7 +92,7 @@ def run_demo(out_dir: str | Path = "demo-output", images: str | Path | None = No
         recon.append(tok.decode(tok.encode(pixels[start:start + 8]).ids))
     recon = torch.cat(recon)
     target = tok.target(pixels)
-    scores = psnr(recon, target)
+    scores = psnr_signed(recon, target)
     held_out = {r.name for r in split_holdout(records, demo_cfg.holdout)[1]}
 
     grid = side_by_side([[to_pil(t), to_pil(r)] for t, r in zip(target, recon)])

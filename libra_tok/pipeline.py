@@ -26,7 +26,8 @@ from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, list_images, 
 from .fileio import atomic_path, atomic_save_image, atomic_write_json
 from .config import TokenizerConfig
 from .model import ImageTokenizer
-from .preprocess import preprocess_image, to_pil
+from .metrics import psnr_signed
+from .preprocess import preprocess_image, side_by_side, to_pil
 from .shards import ShardWriter, open_shards, read_manifest, remove_stale_temporaries, shard_name
 
 log = logging.getLogger("libra_tok.pipeline")
@@ -325,8 +326,6 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
     """For each image a PNG of original | reconstruction | error heatmap, a contact sheet of
     all of them, and a per-image PSNR table (psnr.csv). The original is the tokenizer's view:
     padded (or cropped) to a square and resized to its resolution."""
-    from .train import psnr, side_by_side
-
     records = list_images(inputs)
     if not records:
         raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
@@ -344,7 +343,7 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
             continue
         recon = tokenizer.decode(tokenizer.encode(pixels, precision=precision).ids, precision=precision)
         target = tokenizer.target(pixels.to(recon.device))
-        scores = psnr(recon, target)
+        scores = psnr_signed(recon, target)
         for i, t, r, score in zip(indices, target, recon, scores):
             name = _stem({"source": records[i].source, "member": records[i].member})
             while name in used:

@@ -9,6 +9,7 @@ is exact. "crop" mode takes the centre square instead of padding.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,25 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+def side_by_side(rows: Sequence[Sequence[Any]], pad: int = 4, background=(255, 255, 255)):
+    """A grid image of PIL images (one list per row)."""
+    from PIL import Image
+
+    width = max(sum(im.width for im in row) + pad * (len(row) + 1) for row in rows)
+    height = sum(max(im.height for im in row) for row in rows) + pad * (len(rows) + 1)
+    canvas = Image.new("RGB", (width, height), background)
+    y = pad
+    for row in rows:
+        x = pad
+        for im in row:
+            canvas.paste(im, (x, y))
+            x += im.width + pad
+        y += max(im.height for im in row) + pad
+    return canvas
+
+
 __all__ = [
+    "side_by_side",
     "to_rgb",
     "expand2square",
     "center_square",

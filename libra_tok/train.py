@@ -29,12 +29,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import TokenizerConfig
+from .config import TokenizerConfig, check_fields
 from .data import ImageRecord, ImageReadError, TrainImages, collate_images, list_images, read_image
 from .fileio import atomic_path, atomic_save_image, atomic_write_json
 from .loss import LossWeights, NLayerDiscriminator, TokenizerLoss
 from .model import ImageTokenizer, autocast_for
-from .preprocess import preprocess_image
+from .metrics import build_lpips, psnr_signed
+from .preprocess import preprocess_image, side_by_side, to_pil
 
 log = logging.getLogger("libra_tok.train")
 
@@ -68,6 +69,8 @@ class TrainConfig:
     l2_weight: float = _help("L2 reconstruction weight", default=0.0)
     perceptual_weight: float = _help("LPIPS weight (0 = off; needs the backbone weights in TORCH_HOME)", default=1.0)
     perceptual_net: str = _help("LPIPS backbone: vgg (official) or alex", default="vgg")
+    weights_dir: str | None = _help("folder of the LPIPS backbone weights (vgg16-397923af.pth / alexnet-owt-7be5be79.pth; "
+                                    "default: $TORCH_HOME/hub/checkpoints)", default=None)
     codebook_weight: float = _help("weight of the LFQ entropy + commitment loss", default=1.0)
     disc_weight: float = _help("GAN weight (times the adaptive weight)", default=1.0)
     disc_start: int = _help("step at which the GAN loss starts (-1 = never)", default=5000)
@@ -104,11 +107,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        return cls(**check_fields(cls, data))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
@@ -249,13 +248,6 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_perceptual(net: str) -> nn.Module:
-    """LPIPS with pretrained backbone and linear heads (the `lpips` package)."""
-    import lpips
-
-    return lpips.LPIPS(net=net, pretrained=True, verbose=False)
-
-
 def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -269,29 +261,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR of [-1, 1] images measured on [0, 1] (data range 1)."""
-    mse = ((a.float() - b.float()) / 2).square().flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
-
-
-def side_by_side(rows: Sequence[Sequence[Any]], pad: int = 4, background=(255, 255, 255)):
-    """A grid image of PIL images (one list per row)."""
-    from PIL import Image
-
-    width = max(sum(im.width for im in row) + pad * (len(row) + 1) for row in rows)
-    height = sum(max(im.height for im in row) for row in rows) + pad * (len(rows) + 1)
-    canvas = Image.new("RGB", (width, height), background)
-    y = pad
-    for row in rows:
-        x = pad
-        for im in row:
-            canvas.paste(im, (x, y))
-            x += im.width + pad
-        y += max(im.height for im in row) + pad
-    return canvas
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -328,12 +297,14 @@ class Trainer:
             )
         self.resume_from = (ckpt_dir / json.loads(latest.read_text())["file"]) if (resume and latest.is_file()) else None
 
+        # LPIPS weights are read from disk (never downloaded): a missing file fails here, early.
+        perceptual = (build_lpips(config.perceptual_net, config.weights_dir, device=self.device)
+                      if config.perceptual_weight > 0 else None)
         torch.manual_seed(config.seed)
         self.tok = self._build_tokenizer().to(self.device)
         self.disc = None
         if config.disc_start >= 0 and config.disc_weight > 0:
             self.disc = NLayerDiscriminator(ndf=config.disc_channels, n_layers=config.disc_layers).to(self.device)
-        perceptual = build_perceptual(config.perceptual_net).to(self.device) if config.perceptual_weight > 0 else None
         self.loss = TokenizerLoss(config.loss_weights(), perceptual, None)
 
         self.gen_params = list(self.tok.trainable_parameters())
@@ -498,11 +469,9 @@ class Trainer:
         with self.ema_weights():
             recon = self.tok.decode(self.tok.encode(pixels, precision=self.cfg.precision).ids, precision=self.cfg.precision)
         target = self.tok.target(pixels.to(recon.device))
-        from .preprocess import to_pil
-
         grid = side_by_side([[to_pil(t), to_pil(r)] for t, r in zip(target, recon)])
         atomic_save_image(grid, self.out / "samples" / f"step-{self.step:08d}.png")
-        return {"holdout_psnr": float(psnr(recon, target).mean())}
+        return {"holdout_psnr": float(psnr_signed(recon, target).mean())}
 
     class _Swap:
         def __init__(self, trainer: "Trainer"):
@@ -659,4 +628,4 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
 
 
 __all__ = ["TrainConfig", "train", "Trainer", "TrainResult", "TrainingDiverged", "KeyedBatches", "EMA",
-           "lr_lambda", "load_config_file", "split_holdout", "psnr", "side_by_side"]
+           "lr_lambda", "load_config_file", "split_holdout"]

@@ -188,3 +188,12 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert diff.median() < 1e-6
     init = trainable(tmp_path / "one" / "init_tokenizer")
     assert not torch.equal(init["decoder.conv_out.weight"], b["decoder.conv_out.weight"])
+
+
+def test_missing_lpips_weights_fail_before_any_model(tmp_path):
+    from libra_tok.metrics import MissingWeightsError
+
+    cfg = small_config(tmp_path, perceptual_weight=1.0, weights_dir=str(tmp_path / "no-weights"))
+    with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*--weights-dir"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "init_tokenizer").exists()
