@@ -263,8 +263,10 @@ def info(tokenizer: Path) -> None:
 
 
 from cli.tok_eval import eval_command  # noqa: E402
+from cli.tok_serve import serve_command  # noqa: E402
 
 main.add_command(eval_command)
+main.add_command(serve_command)
 
 if __name__ == "__main__":
     main()

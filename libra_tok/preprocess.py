@@ -103,7 +103,8 @@ def preprocess_image(
         raise ValueError(f"pad_mode must be 'pad' or 'crop', got {pad_mode!r}")
     if square.size != (resolution, resolution):
         square = square.resize((resolution, resolution), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    # Scale and transpose in numpy: one contiguous (3, R, R) array, no strided torch op.
+    pixels = torch.from_numpy(np.ascontiguousarray((np.asarray(square, dtype=np.float32) / 255.0).transpose(2, 0, 1)))
     return normalize(pixels, mean, std)
 
 
