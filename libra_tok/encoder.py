@@ -61,7 +61,7 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
             f"Without network access, download the weights once elsewhere and pass the file "
             f"or folder instead of the tag, e.g. open_clip's 'open_clip_pytorch_model.bin' for "
             f"{clip_model}/{source} or the HF folder 'openai/clip-vit-large-patch14-336' "
-            f"(TokenizerConfig.clip_pretrained, CLI --clip-weights PATH)."
+            f"(TokenizerConfig.clip_pretrained; CLI: libra-tok train --clip-weights PATH)."
         ) from exc
     return model.visual.state_dict()
 
