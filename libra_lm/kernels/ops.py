@@ -1,0 +1,187 @@
+"""Bridged attention as torch.library custom ops: `libra::bridged_attention_fwd` returns
+(out, lse), `libra::bridged_attention_bwd` the five input gradients. CUDA runs the fused
+kernels of csrc/; every other device runs the tile-by-tile reference (reference.py), which
+is the same algorithm. Fake implementations and registered autograd make the op work under
+torch.compile and activation checkpointing.
+"""
+
+import math
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .partition import make_plan
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_HEAD_DIMS = (64, 128)
+
+_poison = False
+
+
+@contextmanager
+def poison_outputs():
+    """Inside this context the CUDA path fills its output buffers with NaN before the kernels
+    run, so a test can tell an element the kernels never wrote."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def _new_buffer(shape, dtype, device) -> Tensor:
+    if _poison:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_inputs(q, k, v, k_x, v_x, is_vision, segment_ids) -> None:
+    """Shapes and dtypes of the bridged-attention contract (DESIGN.md "Contracts")."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, N, d), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v), ("k_x", k_x), ("v_x", v_x)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {tuple(q.shape)}, got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} on {q.device} like q, got {t.dtype} on {t.device}")
+    b, _, n, _ = q.shape
+    if is_vision.shape != (b, n) or is_vision.dtype != torch.bool:
+        raise ValueError(
+            f"is_vision must be a bool tensor of shape {(b, n)}, got {is_vision.dtype} {tuple(is_vision.shape)}"
+        )
+    if segment_ids is not None and (segment_ids.shape != (b, n) or segment_ids.dtype.is_floating_point):
+        raise ValueError(
+            f"segment_ids must be an integer tensor of shape {(b, n)}, got {segment_ids.dtype} "
+            f"{tuple(segment_ids.shape)}"
+        )
+
+
+@torch.library.custom_op("libra::bridged_attention_fwd", mutates_args=())
+def bridged_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, k_x: Tensor, v_x: Tensor, is_vision: Tensor, segment_ids: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """-> out (B, H, N, d) in q's dtype and lse (B, H, N) (fp32; fp64 for fp64 inputs)."""
+    check_inputs(q, k, v, k_x, v_x, is_vision, segment_ids)
+    return reference.tiled_forward(q, k, v, k_x, v_x, is_vision, segment_ids)
+
+
+@torch.library.custom_op("libra::bridged_attention_bwd", mutates_args=())
+def bridged_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_x: Tensor,
+    v_x: Tensor,
+    is_vision: Tensor,
+    segment_ids: Optional[Tensor],
+    out: Tensor,
+    lse: Tensor,
+    grad_lse: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, dk_x, dv_x."""
+    return reference.tiled_backward(grad_out, q, k, v, k_x, v_x, is_vision, segment_ids, out, lse, grad_lse)
+
+
+@bridged_attention_fwd.register_fake
+def _fwd_fake(q, k, v, k_x, v_x, is_vision, segment_ids):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=reference.lse_dtype(q.dtype))
+
+
+@bridged_attention_bwd.register_fake
+def _bwd_fake(grad_out, q, k, v, k_x, v_x, is_vision, segment_ids, out, lse, grad_lse):
+    return tuple(q.new_empty(q.shape) for _ in range(5))
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+def kernel_unsupported_reason(q: Tensor) -> str | None:
+    """Why the fused kernels cannot take `q` (None when they can); builds nothing."""
+    if q.device.type != "cuda":
+        return f"the fused kernel needs CUDA tensors, got device {q.device}"
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the fused kernel takes bfloat16 or float16, got {q.dtype}"
+    if q.dim() != 4 or q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return f"the fused kernel takes head dims {KERNEL_HEAD_DIMS}, got shape {tuple(q.shape)}"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    if major < 8:
+        return f"the fused kernel needs compute capability 8.0 or newer (mma.sync bf16, cp.async), got {major}.{minor}"
+    return None
+
+
+def _extension(q: Tensor):
+    from .build import load_extension
+
+    reason = kernel_unsupported_reason(q)
+    if reason is not None:
+        raise ValueError(f"{reason}; use the 'sdpa', 'flex' or 'eager' backend for these inputs")
+    return load_extension()
+
+
+def _kernel_layout(x: Tensor) -> Tensor:
+    """x itself when the kernels can read it 16 bytes at a time, else a contiguous copy."""
+    ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(
+        size == 1 or stride % 8 == 0 for size, stride in zip(x.shape[:3], x.stride()[:3])
+    )
+    return x if ok else x.contiguous()
+
+
+@bridged_attention_fwd.register_kernel("cuda")
+def _fwd_cuda(q, k, v, k_x, v_x, is_vision, segment_ids):
+    check_inputs(q, k, v, k_x, v_x, is_vision, segment_ids)
+    ext = _extension(q)
+    block_m = ext.block_sizes(q.shape[-1])[0]
+    plan = make_plan(is_vision, segment_ids, block_m)
+    out = _new_buffer(q.shape, q.dtype, q.device)
+    lse = _new_buffer(q.shape[:3], torch.float32, q.device)
+    ext.forward(*(_kernel_layout(t) for t in (q, k, v, k_x, v_x)), is_vision.contiguous(), plan.segment,
+                plan.perm, plan.tiles, plan.n_text, out, lse)
+    return out, lse
+
+
+@bridged_attention_bwd.register_kernel("cuda")
+def _bwd_cuda(grad_out, q, k, v, k_x, v_x, is_vision, segment_ids, out, lse, grad_lse):
+    ext = _extension(q)
+    block_m = ext.block_sizes(q.shape[-1])[2]
+    plan = make_plan(is_vision, segment_ids, block_m)
+    grads = [_new_buffer(q.shape, q.dtype, q.device) for _ in range(5)]
+    if grad_lse is not None:
+        grad_lse = grad_lse.float().contiguous()
+    ext.backward(_kernel_layout(grad_out), *(_kernel_layout(t) for t in (q, k, v, k_x, v_x)),
+                 is_vision.contiguous(), plan.segment, _kernel_layout(out), lse.contiguous(), grad_lse,
+                 plan.perm, plan.tiles, plan.n_text, *grads)
+    return tuple(grads)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_x, v_x, is_vision, segment_ids = inputs
+    out, lse = output
+    ctx.set_materialize_grads(False)  # a None grad_lse skips its term
+    ctx.save_for_backward(q, k, v, k_x, v_x, is_vision, segment_ids, out, lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, k_x, v_x, is_vision, segment_ids, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    grads = torch.ops.libra.bridged_attention_bwd(
+        grad_out, q, k, v, k_x, v_x, is_vision, segment_ids, out, lse, grad_lse
+    )
+    return (*grads, None, None)
+
+
+bridged_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bridged_attention_with_lse(q, k, v, k_x, v_x, is_vision, segment_ids=None) -> tuple[Tensor, Tensor]:
+    """The op with argument checks: (out, lse), differentiable in q, k, v, k_x, v_x."""
+    if is_vision.dtype != torch.bool:
+        is_vision = is_vision.bool()
+    check_inputs(q, k, v, k_x, v_x, is_vision, segment_ids)
+    return torch.ops.libra.bridged_attention_fwd(q, k, v, k_x, v_x, is_vision, segment_ids)
