@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from cli.common import fail_on_errors
+from cli.common import dataclass_options, fail_on_errors, options_to_overrides
+from libra_lm.train import TrainConfig
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -130,6 +131,79 @@ def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, se
                              "official vqgan.ckpt) or --tokenizer-preset tiny")
         path = model_path
     return ImageTokenizer.from_pretrained(path)
+
+
+@main.command("train")
+@click.argument("data", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML or JSON file of training options; command-line options override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint (its saved "
+              "options are the base; options given here override them, e.g. a larger --steps).")
+@dataclass_options(TrainConfig, skip=("data",))
+@fail_on_errors
+def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, **options) -> None:
+    """Train the LM on DATA: shard folders from `libra-tok encode` (--stage pretrain, image-caption
+    pairs, frozen LLM) or LLaVA-format JSON files (--stage sft, images looked up in --image-shards).
+
+    Defaults are the official hyper-parameters of the chosen stage. One process by default;
+    under `torchrun --nproc_per_node=N` every process trains on its own slice of each step
+    (--parallel ddp, or fsdp to shard the weights). Checkpoints, metrics.jsonl, loss.png and the
+    final model (with its tokenizer.model, ready for `libra-lm generate`) go to --out-dir.
+    """
+    import logging
+    import os
+
+    from libra_lm.train import load_config_file, train
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = options_to_overrides(options)
+    base: dict = load_config_file(config_file) if config_file else {}
+    out_dir = Path(overrides.get("out_dir", base.get("out_dir", TrainConfig.out_dir)))
+    saved = out_dir / "train_config.json"
+    if resume and not config_file and saved.is_file():
+        base = load_config_file(saved)
+    if data:
+        overrides["data"] = [str(d) for d in data]
+    for key in ("image_shards", "val_data"):
+        if key in overrides:
+            overrides[key] = [str(v) for v in overrides[key]]
+    result = train(TrainConfig.from_dict({**base, **overrides}), resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun the first process reports
+    losses = [row["loss"] for row in result.history if "loss" in row]
+    last = f"; last loss {losses[-1]:.4f}" if losses else ""
+    click.echo(f"trained {result.step} steps{last}; model: {result.final_model}; loss plot: {result.plot}")
+    if result.skipped:
+        click.echo(f"{len(result.skipped)} sample(s) left out: see {result.out_dir / 'skipped_samples.json'}")
+
+
+@main.command("train-text-tokenizer")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the SentencePiece model (e.g. runs/tokenizer.model).")
+@click.option("--vocab-size", type=click.IntRange(min=260), default=320, show_default=True,
+              help="Target number of pieces (3 specials + 256 bytes + merges); must not exceed the LM's "
+                   "text_vocab_size (320 for the tiny preset).")
+@click.option("--chat-template/--no-chat-template", default=True, show_default=True,
+              help="Also train on the vicuna v1 system prompt and roles, which every instruction sample contains.")
+@fail_on_errors
+def train_text_tokenizer(sources: tuple[Path, ...], out_path: Path, vocab_size: int, chat_template: bool) -> None:
+    """Train a small LLaMA-layout SentencePiece model (unk 0, bos 1, eos 2, byte fallback so "\n" is
+    13) on SOURCES: shard folders (their captions), LLaVA JSON, JSON lines (caption/text) or text files.
+
+    For the tiny presets and offline demos; real runs use the LLaMA tokenizer.model of the LLM.
+    """
+    from libra_lm.data import iter_texts
+    from libra_lm.generate import VICUNA_V1_SYSTEM
+    from libra_lm.text import TextTokenizer, train_sentencepiece
+
+    texts = list(iter_texts(sources))
+    if chat_template:
+        texts += [f"{VICUNA_V1_SYSTEM} USER: ASSISTANT:"] * 4
+    train_sentencepiece(texts, out_path, vocab_size)
+    tok = TextTokenizer(out_path)
+    click.echo(f"wrote {out_path} ({tok.vocab_size} pieces from {len(texts)} texts; newline id {tok.newline_token_id})")
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ class LibraAttention(nn.Module):
         h_text, h_vision = router.split(h)
 
         def routed(text_mod: nn.Module, vision_mod: nn.Module) -> torch.Tensor:
-            text = text_mod(h_text) if router.num_text else None
-            vision = vision_mod(h_vision) if router.num_vision else None
+            text = text_mod(h_text) if router.runs_text() else None
+            vision = vision_mod(h_vision) if router.runs_vision() else None
             return router.merge(text, vision).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
         q = routed(self.q_proj, self.vision_q_proj)
@@ -218,9 +218,9 @@ class LibraModel(nn.Module):
         RMSNorm([E1(id1) | E2(id2) | CLIP]) -> Linear, CLIP = 0 at BOI/EOI and when absent."""
         cfg = self.config
         ids_text, ids_vision = router.split(input_ids)
-        text = self.embed_tokens(ids_text[:, 0]) if router.num_text else None
+        text = self.embed_tokens(ids_text[:, 0]) if router.runs_text() else None
         vision = None
-        if router.num_vision:
+        if router.runs_vision():
             local = ids_vision - cfg.text_vocab_size
             discrete = torch.cat([table(local[:, c]) for c, table in enumerate(self.vision_embed_tokens)], dim=-1)
             if clip_features is None:
@@ -267,6 +267,9 @@ class LibraForCausalLM(nn.Module):
         self.attn_backend = attn_backend
         # Recompute each decoder layer in the backward pass (activation checkpointing).
         self.gradient_checkpointing = False
+        # Run both modalities' modules even when a batch lacks one (zero rows), so every
+        # parameter gets a gradient each step: what DDP and FSDP2 training need.
+        self.run_idle_modules = False
         self._frozen_llm = False
         self.init_weights()
 
@@ -419,7 +422,7 @@ class LibraForCausalLM(nn.Module):
         if tuple(position_ids.shape) != (b, n):
             raise ValueError(f"position_ids must be (B, N) = ({b}, {n}), got {tuple(position_ids.shape)}")
 
-        router = Router(is_vision)
+        router = Router(is_vision, run_idle=self.run_idle_modules)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = rope_cos_sin(position_ids.to(device), cfg.head_dim, cfg.rope_theta, dtype)
         backend = self.attn_backend
@@ -439,7 +442,7 @@ class LibraForCausalLM(nn.Module):
             cache.advance(key_is_vision, key_mask)
 
         if logits_to_keep and logits_to_keep < n:
-            head_router = Router(is_vision[:, -logits_to_keep:])
+            head_router = Router(is_vision[:, -logits_to_keep:], run_idle=self.run_idle_modules)
             text_logits, vision_logits = self._heads(hidden[:, -logits_to_keep:], head_router)
         else:
             text_logits, vision_logits = self._heads(hidden, router)
@@ -473,9 +476,9 @@ class LibraForCausalLM(nn.Module):
         h_text, h_vision = router.split(hidden)
         text = hidden.new_full((b * n, cfg.text_vocab_size), float("-inf"), dtype=torch.float32)
         vision = hidden.new_full((b * n, cfg.num_codebooks, cfg.vision_vocab_size), float("-inf"), dtype=torch.float32)
-        if router.num_text:
+        if router.runs_text():
             text = text.index_copy(0, router.text_index, self.lm_head(h_text).float())
-        if router.num_vision:
+        if router.runs_vision():
             vision = vision.index_copy(0, router.vision_index, self.vision_lm_head(h_vision).float())
         return text.view(b, n, -1), vision.view(b, n, cfg.num_codebooks, -1)
 

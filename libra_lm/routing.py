@@ -19,12 +19,18 @@ Fn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Router:
-    """Gather/scatter of the text and vision tokens of a (B, N) batch."""
+    """Gather/scatter of the text and vision tokens of a (B, N) batch.
 
-    def __init__(self, is_vision: torch.Tensor):
+    `run_idle`: also run a modality's modules when the batch has none of its tokens (on zero
+    rows), so every parameter gets a (zero) gradient in every step. Data-parallel training
+    needs that: DDP without find_unused_parameters, and FSDP2, whose ranks must reduce the
+    same gradients."""
+
+    def __init__(self, is_vision: torch.Tensor, run_idle: bool = False):
         if is_vision.dtype != torch.bool or is_vision.ndim != 2:
             raise ValueError(f"is_vision must be a (B, N) bool tensor, got {tuple(is_vision.shape)} {is_vision.dtype}")
         self.is_vision = is_vision
+        self.run_idle = run_idle
         self.shape = tuple(is_vision.shape)
         flat = is_vision.reshape(-1)
         # One host sync here instead of one per routed module.
@@ -32,6 +38,13 @@ class Router:
         self.text_index = (~flat).nonzero().squeeze(1)
         self.num_vision = int(self.vision_index.numel())
         self.num_text = int(self.text_index.numel())
+
+    def runs_text(self) -> bool:
+        """Whether the text modules run in this batch."""
+        return self.num_text > 0 or self.run_idle
+
+    def runs_vision(self) -> bool:
+        return self.num_vision > 0 or self.run_idle
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, ...) -> (text rows (n_t, ...), vision rows (n_v, ...))."""
@@ -43,11 +56,13 @@ class Router:
         return flat.index_select(0, self.text_index), flat.index_select(0, self.vision_index)
 
     def merge(self, text: torch.Tensor | None, vision: torch.Tensor | None) -> torch.Tensor:
-        """Inverse of `split`: scatter both groups back into (B, N, ...)."""
-        if vision is None or self.num_vision == 0:
-            return text.reshape(*self.shape, *text.shape[1:])
-        if text is None or self.num_text == 0:
-            return vision.reshape(*self.shape, *vision.shape[1:])
+        """Inverse of `split`: scatter both groups back into (B, N, ...). With `run_idle` the
+        empty group is scattered too (a no-op that keeps its modules in the autograd graph)."""
+        if not self.run_idle:
+            if vision is None or self.num_vision == 0:
+                return text.reshape(*self.shape, *text.shape[1:])
+            if text is None or self.num_text == 0:
+                return vision.reshape(*self.shape, *vision.shape[1:])
         vision = vision.to(text.dtype)
         out = text.new_empty((self.shape[0] * self.shape[1], *text.shape[1:]))
         out = out.index_copy(0, self.text_index, text).index_copy(0, self.vision_index, vision)
@@ -55,10 +70,11 @@ class Router:
 
     def __call__(self, x: torch.Tensor, text_fn: Fn, vision_fn: Fn) -> torch.Tensor:
         """text_fn on the text tokens of x (B, N, C), vision_fn on the vision tokens."""
-        if self.num_vision == 0:
-            return text_fn(x)
-        if self.num_text == 0:
-            return vision_fn(x)
+        if not self.run_idle:
+            if self.num_vision == 0:
+                return text_fn(x)
+            if self.num_text == 0:
+                return vision_fn(x)
         text, vision = self.split(x)
         return self.merge(text_fn(text), vision_fn(vision))
 

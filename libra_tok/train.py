@@ -248,14 +248,14 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -378,7 +378,7 @@ class Trainer:
             "trainable": {k: v.detach().cpu() for k, v in self.tok.state_dict().items() if k.startswith(("quantizer.", "decoder."))},
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "skipped_images": self.skipped,
         }
         if self.ema is not None:
@@ -414,7 +414,7 @@ class Trainer:
         if self.disc is not None and "disc" in state:
             self.disc.load_state_dict(state["disc"])
             self.opt_d.load_state_dict(state["opt_d"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.batches_seen = int(state["batches_seen"])
         self.skipped = dict(state.get("skipped_images", {}))
@@ -628,4 +628,4 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
 
 
 __all__ = ["TrainConfig", "train", "Trainer", "TrainResult", "TrainingDiverged", "KeyedBatches", "EMA",
-           "lr_lambda", "load_config_file", "split_holdout"]
+           "lr_lambda", "load_config_file", "split_holdout", "rng_state", "set_rng_state"]

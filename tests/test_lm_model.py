@@ -407,3 +407,27 @@ def test_bf16_autocast_on_gpu_matches_fp32():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(ids, feats).hidden_states
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("modality", ["text", "vision"])
+def test_run_idle_modules_gives_every_parameter_a_gradient(modality):
+    """Data-parallel training runs the modules of a modality a batch lacks on zero rows: the
+    outputs do not change and every parameter gets a gradient (zero for the idle modules)."""
+    torch.manual_seed(0)
+    model = randomize_(LibraForCausalLM(TINY))
+    v_t = TINY.text_vocab_size
+    if modality == "text":
+        ids = torch.randint(3, v_t, (2, 9))[..., None].expand(2, 9, 2).clone()
+    else:
+        ids = v_t + torch.randint(0, TINY.codebook_size, (2, 9, 2))
+    plain = model(ids, labels=ids)
+    model.run_idle_modules = True
+    idle = model(ids, labels=ids)
+    assert torch.equal(plain.loss, idle.loss) and torch.equal(plain.text_logits, idle.text_logits)
+    idle.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    other = "vision" if modality == "text" else "text"
+    idle_params = [(n, p) for n, p in model.named_parameters()
+                   if ("vision" in n) == (other == "vision") and "bridge" not in n]
+    assert idle_params and all(p.grad.abs().sum() == 0 for n, p in idle_params if n.startswith("model.layers"))

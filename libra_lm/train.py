@@ -1,0 +1,870 @@
+"""Libra LM training: pretraining (frozen LLM, image-caption shards) and instruction tuning
+(LLaVA-format JSON), one process or torchrun DDP / FSDP2, exact resume, atomic checkpoints.
+
+    from libra_lm.train import TrainConfig, train
+    train(TrainConfig(stage="pretrain", data=["shards/"], preset="tiny", text_tokenizer="tokenizer.model",
+                      steps=200, out_dir="runs/pretrain"))
+
+Defaults are the official hyper-parameters (reference 3.2 / 3.3): AdamW betas (0.9, 0.99),
+eps 1e-8, weight decay 0.01 except norms and biases, cosine schedule with 5 % warm-up,
+gradient clipping at 1.0, bf16 on GPU; pretraining lr 1e-4, 8 x 4 sequences per GPU and
+step, 700 tokens; instruction tuning lr 2e-5, 2 x 8, 2048 tokens, one epoch. Pretraining
+freezes every parameter without "vision" in its name (reference 2.11): those get neither
+gradients nor optimizer state, and checkpoints hold only what trains.
+
+The data order is a function of (seed, sample number) (`libra_tok.train.KeyedBatches`), so a
+resumed run continues exactly as an uninterrupted one (bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from libra_tok.fileio import atomic_path, atomic_write_bytes, atomic_write_json
+from libra_tok.model import autocast_for
+from libra_tok.train import (
+    CHECKPOINT_DIR,
+    LATEST,
+    Dist,
+    KeyedBatches,
+    TrainingDiverged,
+    rng_state,
+    set_rng_state,
+    load_config_file,
+    lr_lambda,
+    setup_distributed,
+)
+
+from .config import LibraConfig
+from .data import INPUT_MODES, Batch, Collator, InstructionDataset, PretrainDataset, ShardImages
+from .model import IGNORE_INDEX, LibraForCausalLM
+from .routing import RMSNorm
+from .text import MODEL_FILE
+
+log = logging.getLogger("libra_lm.train")
+
+STAGES = ("pretrain", "sft")
+# Official per-stage values (reference 3.2 / 3.3); steps None = `epochs` over the data.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"lr": 1e-4, "batch_size": 8, "grad_accum": 4, "max_length": 700, "steps": 40_000},
+    "sft": {"lr": 2e-5, "batch_size": 2, "grad_accum": 8, "max_length": 2048, "steps": None},
+}
+PARALLEL = ("auto", "ddp", "fsdp")
+LOSS_REDUCTIONS = ("tokens", "official")
+CHECKPOINT_FORMAT = "libra-lm-train"
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Every field can be set in a YAML/JSON file and overridden on the command line.
+    Fields left at None take the stage's official value (STAGE_DEFAULTS)."""
+
+    stage: str = _help("pretrain (image-caption shards, frozen LLM) or sft (LLaVA JSON, everything trains)",
+                       default="pretrain")
+    data: list[str] = _help("pretrain: shard folders from `libra-tok encode`; sft: LLaVA-format JSON files",
+                            default_factory=list)
+    image_shards: list[str] = _help("sft: shard folders holding the images the JSON names", default_factory=list)
+    val_data: list[str] = _help("validation data, as `data` (pretrain: shard folders; sft: JSON files)",
+                                default_factory=list)
+    val_holdout: int = _help("samples held out of `data` for validation (when no val_data is given)", default=0)
+    val_every: int = _help("steps between validation losses (official: 200)", default=200)
+    val_max_samples: int | None = _help("validate on at most this many samples (official: 5000)", default=5000)
+    out_dir: str = _help("run folder: checkpoints, metrics, loss plot, the final model", default="runs/libra-lm")
+    init_from: str | None = _help("start from this model folder: an HF LLaMA, an official Libra or one of ours",
+                                  default=None)
+    preset: str = _help("LM preset for a fresh model when init_from is not given (tiny or libra-7b)", default="tiny")
+    lm: dict = _help("LibraConfig overrides for a fresh or an HF LLaMA model, e.g. {num_hidden_layers: 4}",
+                     default_factory=dict)
+    text_tokenizer: str | None = _help("SentencePiece tokenizer.model (default: the one in init_from)", default=None)
+    image_tokenizer: str | None = _help("image tokenizer to recompute CLIP features when the shards store none "
+                                        "(default: the one the shards name)", default=None)
+    input: str = _help("hybrid (ids + CLIP features, the paper) or discrete (ids only, ablation Tab. 3 f)",
+                       default="hybrid")
+    frozen_llm: bool | None = _help("train only the vision parts (default: on for pretrain, off for sft)", default=None)
+    steps: int | None = _help("optimizer steps (default: pretrain 40000, sft `epochs` over the data)", default=None)
+    epochs: float = _help("sft without steps: passes over the data", default=1.0)
+    batch_size: int | None = _help("sequences per micro-batch and process (default: pretrain 8, sft 2)", default=None)
+    grad_accum: int | None = _help("micro-batches per optimizer step (default: pretrain 4, sft 8)", default=None)
+    lr: float | None = _help("peak learning rate (default: pretrain 1e-4, sft 2e-5)", default=None)
+    betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.99))
+    eps: float = _help("AdamW epsilon", default=1e-8)
+    weight_decay: float = _help("AdamW weight decay (norm weights and biases excluded)", default=0.01)
+    warmup_ratio: float = _help("fraction of the steps with linear warm-up", default=0.05)
+    min_lr_ratio: float = _help("the cosine ends at lr * min_lr_ratio", default=0.0)
+    grad_clip: float = _help("max gradient norm (0 = off)", default=1.0)
+    loss_reduction: str = _help("tokens: mean over every label of the step, however it is split over micro-batches "
+                                "and processes; official: mean per micro-batch, averaged (HF Trainer)",
+                                default="tokens")
+    max_length: int | None = _help("tokens per sequence, longer ones cut (default: pretrain 700, sft 2048)",
+                                   default=None)
+    max_words: int = _help("pretrain: caption words kept (official 64)", default=64)
+    caption_eos: bool = _help("pretrain: end captions with EOS (the official Libra-Base has none)", default=False)
+    packing: bool = _help("pack the sequences of a micro-batch into rows of pack_length tokens", default=False)
+    pack_length: int | None = _help("tokens per packed row (default: max_length)", default=None)
+    gradient_checkpointing: bool = _help("recompute each decoder layer in the backward pass (official: on)",
+                                         default=True)
+    precision: str = _help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16", default="auto")
+    attn_backend: str = _help("bridged attention: auto, eager, sdpa, flex or cuda", default="auto")
+    parallel: str = _help("multi-process training: auto (= ddp), ddp or fsdp (FSDP2 fully_shard per layer)",
+                          default="auto")
+    num_workers: int = _help("data-loader worker processes", default=2)
+    log_every: int = _help("steps between metric lines", default=10)
+    save_every: int = _help("steps between checkpoints", default=1000)
+    keep_checkpoints: int = _help("checkpoints kept on disk (older ones are deleted)", default=2)
+    max_minutes: float | None = _help("stop (with a checkpoint) after this many minutes", default=None)
+    seed: int = _help("seed of fresh weights and of the data order", default=42)
+    device: str | None = _help("cuda, cpu, ... (default: cuda if available)", default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "image_shards", "val_data"):
+            setattr(self, name, [str(d) for d in getattr(self, name)])
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for key, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.frozen_llm is None:
+            self.frozen_llm = self.stage == "pretrain"
+        checks = [
+            (self.input in INPUT_MODES, f"input must be one of {INPUT_MODES}, got {self.input!r}"),
+            (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
+            (self.loss_reduction in LOSS_REDUCTIONS, f"loss_reduction must be one of {LOSS_REDUCTIONS}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
+            (self.steps is None or self.steps >= 0, "steps must be >= 0"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.log_every >= 1 and self.save_every >= 1 and self.val_every >= 1,
+             "log_every, save_every and val_every must be >= 1"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(load_config_file(path))
+
+
+# ---- losses ---------------------------------------------------------------------------------------
+def token_losses(
+    text_logits: torch.Tensor, vision_logits: torch.Tensor, labels: torch.Tensor, config: LibraConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position terms of the official loss (reference 2.9): (loss (B, N-1), valid, is_image).
+    Position t predicts t + 1; a text label costs its cross-entropy, an image label the mean
+    over codebooks of each codebook's cross-entropy. The official loss is
+    loss[valid].sum() / valid.sum(); the image and text parts split that sum by label kind."""
+    labels = labels[:, 1:].to(text_logits.device).long()
+    first = labels[..., 0]
+    valid = first != IGNORE_INDEX
+    image = valid & (first >= config.text_vocab_size)
+    text = valid & ~image
+    loss = torch.zeros(first.shape, dtype=torch.float32, device=text_logits.device)
+    if bool(text.any()):
+        loss[text] = F.cross_entropy(text_logits[:, :-1][text].float(), first[text], reduction="none")
+    if bool(image.any()):
+        logits = vision_logits[:, :-1][image].float()  # (n, codebooks, vision vocab)
+        target = labels[image] - config.text_vocab_size
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        loss[image] = ce.view(-1, config.num_codebooks).mean(1)
+    return loss, valid, image
+
+
+def sample_losses(batch: Batch, loss: torch.Tensor, valid: torch.Tensor) -> list[float]:
+    """Mean loss of each example of a batch (labels inside the example only)."""
+    out = []
+    for row, start, length in batch.samples:
+        # Predictions of positions start .. start+length-2 target the example's own tokens.
+        sel = slice(start, start + length - 1)
+        n = valid[row, sel].sum()
+        out.append(float(loss[row, sel][valid[row, sel]].sum() / n.clamp(min=1)))
+    return out
+
+
+# ---- model and optimizer --------------------------------------------------------------------------
+def lm_config_for(cfg: TrainConfig, images: ShardImages | None) -> tuple[LibraConfig, str, dict[str, Any]]:
+    """(LM config of the run, where weights come from: "preset", "ours", "official" or "llama",
+    the LibraConfig overrides an HF LLaMA folder needs). An HF LLaMA model takes its image
+    sizes from the shards; a preset's must fit them (checked with the data)."""
+    from .checkpoint import config_from_llama, config_from_official, config_from_ours, detect_format, read_config_json
+
+    image_fields = {}
+    if images is not None:
+        image_fields = dict(num_image_tokens=images.num_tokens, num_codebooks=images.num_codebooks,
+                            codebook_size=images.codebook_size)
+        if cfg.input == "hybrid":
+            image_fields["contiguous_signal_size"] = images.feature_dim
+    if cfg.init_from is None:
+        return LibraConfig.from_preset(cfg.preset, **cfg.lm), "preset", {}
+    folder = Path(cfg.init_from).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--init-from {folder}: no such model folder")
+    meta = read_config_json(folder)
+    kind = detect_format(meta, folder)
+    source = str(folder / "config.json")
+    if kind == "llama":
+        overrides = {**image_fields, **cfg.lm}
+        return config_from_llama(meta, source, **overrides), kind, overrides
+    if cfg.lm:
+        raise ValueError(f"--lm overrides apply to a fresh model or an HF LLaMA; {folder} has its own config")
+    return (config_from_ours(meta, source) if kind == "ours" else config_from_official(meta, source)), kind, {}
+
+
+def build_model(cfg: TrainConfig, config: LibraConfig, kind: str, overrides: dict[str, Any]) -> LibraForCausalLM:
+    torch.manual_seed(cfg.seed)  # fresh parts (a preset, the vision half of an HF LLaMA) are seeded
+    if kind == "preset":
+        model = LibraForCausalLM(config)
+    else:
+        model = LibraForCausalLM.from_pretrained(cfg.init_from, **overrides)
+    model.frozen_llm = bool(cfg.frozen_llm)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    model.attn_backend = cfg.attn_backend
+    return model.train()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups, as the official trainer: weight decay on
+    everything except norm weights and biases. Frozen parameters are left out entirely, so
+    they get no optimizer state."""
+    no_decay = {id(p) for m in model.modules() if isinstance(m, (RMSNorm, torch.nn.LayerNorm)) for p in m.parameters()}
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if id(p) in no_decay or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def frozen_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the frozen weights (sums per tensor): resuming rebuilds them from the
+    starting point, and this proves they are the ones the run began with."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            t = p.detach().double()
+            digest.update(f"{name}:{tuple(p.shape)}:{float(t.sum())!r}:{float(t.abs().sum())!r}".encode())
+    return digest.hexdigest()
+
+
+# ---- image tokenizer for features ------------------------------------------------------------------
+def resolve_image_tokenizer(images: ShardImages, path: str | None, device: torch.device):
+    """The frozen tokenizer that wrote the shards (checked by its weights digest): `path`, else
+    the source the shards record, else the matching preset (random weights made reproducibly)."""
+    from libra_tok.config import PRESETS, TokenizerConfig
+    from libra_tok.pipeline import load_tokenizer, weights_digest
+
+    recorded = images.tokenizer
+    source = path or recorded.get("source")
+    if source and Path(source).exists():
+        tok = load_tokenizer(source, device=device)
+    else:
+        names = [n for n in PRESETS if TokenizerConfig.from_preset(n, clip_pretrained=None).architecture_hash()
+                 == recorded["architecture_hash"]]
+        if not names:
+            raise FileNotFoundError(
+                f"the shards store no CLIP features and their tokenizer ({source or 'not recorded'}) is not here; "
+                "pass --image-tokenizer PATH, re-encode with --save-features, or train with --input discrete")
+        tok = load_tokenizer(preset=names[0], device=device)
+    if tok.config.architecture_hash() != recorded["architecture_hash"] or weights_digest(tok) != recorded["weights_sha256"]:
+        raise ValueError("the image tokenizer differs from the one that wrote the shards (weights digest); its "
+                         "features would not match the ids. Pass the tokenizer used by `libra-tok encode`")
+    return tok.eval().requires_grad_(False)
+
+
+# ---- the loss plot ---------------------------------------------------------------------------------
+SERIES = (("loss", "train loss", (31, 119, 180)), ("loss_image", "image part", (255, 127, 14)),
+          ("loss_text", "text part", (44, 160, 44)), ("val_loss", "validation", (214, 39, 40)))
+
+
+def plot_losses(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "Libra LM training") -> Path:
+    """A PNG of the loss curves (train, its image and text parts, validation): matplotlib
+    when installed, else drawn with PIL."""
+    series = {key: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                    and math.isfinite(r[key])] for key, _, _ in SERIES}
+    series = {k: v for k, v in series.items() if v}
+    path = Path(path)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        image = _draw_losses(series, title)
+        from libra_tok.fileio import atomic_save_image
+
+        atomic_save_image(image, path)
+        return path
+    fig, ax = plt.subplots(figsize=(9, 5.4), dpi=100)
+    for key, label, colour in SERIES:
+        if key in series:
+            xs, ys = zip(*series[key])
+            ax.plot(xs, ys, label=label, color=[c / 255 for c in colour], marker="o" if key == "val_loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def _draw_losses(series: dict[str, list[tuple[float, float]]], title: str):
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h, left, right, top, bottom = 900, 540, 70, 20, 40, 50
+    image = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((left, 12), title, fill="black", font=font)
+    points = [p for values in series.values() for p in values]
+    if not points:
+        draw.text((w // 2 - 40, h // 2), "no data", fill="black", font=font)
+        return image
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
+
+    for k in range(6):  # grid and tick labels
+        y = y0 + k * (y1 - y0) / 5
+        _, py = at(x0, y)
+        draw.line([(left, py), (w - right, py)], fill=(225, 225, 225))
+        draw.text((6, py - 6), f"{y:.3g}", fill="black", font=font)
+        x = x0 + k * (x1 - x0) / 5
+        px, _ = at(x, y0)
+        draw.line([(px, top), (px, h - bottom)], fill=(225, 225, 225))
+        draw.text((px - 10, h - bottom + 6), f"{x:.0f}", fill="black", font=font)
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    draw.text(((w - left) // 2 + left - 12, h - 20), "step", fill="black", font=font)
+    legend_y = top + 8
+    for key, label, colour in SERIES:
+        if key not in series:
+            continue
+        xy = [at(x, y) for x, y in series[key]]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        if key == "val_loss" or len(xy) == 1:
+            for px, py in xy:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.line([(w - right - 150, legend_y + 6), (w - right - 125, legend_y + 6)], fill=colour, width=3)
+        draw.text((w - right - 118, legend_y), label, fill="black", font=font)
+        legend_y += 16
+    return image
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    out_dir: Path
+    final_model: Path
+    step: int
+    history: list[dict[str, Any]]
+    skipped: dict[str, str]
+    plot: Path | None
+
+
+def _all_reduce(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg = config
+        self.progress = progress
+        self.out = Path(cfg.out_dir)
+        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.d = setup_distributed(self.device)
+        if self.device.type == "cuda":
+            if self.d.world > 1:
+                self.device = torch.device("cuda", self.d.local_rank)
+                torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True  # official run: tf32 on
+            torch.backends.cudnn.allow_tf32 = True
+        self.parallel = "none" if self.d.world == 1 else ("ddp" if cfg.parallel == "auto" else cfg.parallel)
+
+        # Data first: a wrong path or an empty set fails before any weights are loaded.
+        self.text_tokenizer_path = self._text_tokenizer_path()
+        self.images = self._images(cfg.data if cfg.stage == "pretrain" else cfg.image_shards)
+        self.lm_config, self.init_kind, self.lm_overrides = lm_config_for(cfg, self.images)
+        self.train_data, self.val_data = self._datasets()
+
+        ckpt_dir = self.out / CHECKPOINT_DIR
+        latest = ckpt_dir / LATEST
+        if latest.is_file() and not resume:
+            raise FileExistsError(
+                f"{self.out} already holds checkpoints (last: {json.loads(latest.read_text())['file']}); "
+                "pass --resume to continue that run or choose another --out-dir")
+        self.resume_from = (ckpt_dir / json.loads(latest.read_text())["file"]) if (resume and latest.is_file()) else None
+
+        self.world_batch = cfg.batch_size * cfg.grad_accum * self.d.world
+        self.total_steps = cfg.steps if cfg.steps is not None else math.ceil(
+            cfg.epochs * len(self.train_data) / self.world_batch)
+        self.warmup_steps = math.ceil(self.total_steps * cfg.warmup_ratio)  # as HF get_warmup_steps
+
+        self.model = build_model(cfg, self.lm_config, self.init_kind, self.lm_overrides).to(self.device)
+        self.fingerprint = frozen_fingerprint(self.model)
+        needs_encoder = any(images.needs_encoder for images in self.shard_sets)
+        self.image_tok = resolve_image_tokenizer(self.images, cfg.image_tokenizer, self.device) if needs_encoder else None
+        self.dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto"
+                                                                     and self.device.type == "cuda")) else torch.float32
+        self.wrapped = self._wrap()
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                     eps=cfg.eps)
+        schedule = lambda s: lr_lambda(s, self.warmup_steps, self.total_steps, cfg.min_lr_ratio)  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+        self.step = 0
+        self.batches_seen = 0
+        self.history: list[dict[str, Any]] = []
+        self.last_checkpoint: Path | None = None
+        self._id_mismatch_logged = False
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _text_tokenizer_path(self) -> str:
+        cfg = self.cfg
+        if cfg.text_tokenizer:
+            path = Path(cfg.text_tokenizer).expanduser()
+            return str(path / MODEL_FILE if path.is_dir() else path)
+        if cfg.init_from and (Path(cfg.init_from).expanduser() / MODEL_FILE).is_file():
+            return str(Path(cfg.init_from).expanduser() / MODEL_FILE)
+        raise ValueError("no text tokenizer: pass --text-tokenizer PATH (a SentencePiece tokenizer.model; "
+                         "`libra-lm train-text-tokenizer` makes a small one) or --init-from a folder that holds one")
+
+    def _images(self, folders: Sequence[str]) -> ShardImages | None:
+        if not folders:
+            if self.cfg.stage == "pretrain":
+                raise ValueError("no training data: pass the shard folders written by `libra-tok encode`")
+            return None
+        return ShardImages(folders, self.cfg.input)
+
+    def _datasets(self):
+        cfg = self.cfg
+        if not cfg.data:
+            raise ValueError("no training data: pass " + ("shard folders" if cfg.stage == "pretrain" else
+                                                          "LLaVA-format JSON files"))
+
+        def make(sources=None):
+            if cfg.stage == "pretrain":
+                images = self.images if sources is None else ShardImages(sources, cfg.input)
+                if images.tokenizer["weights_sha256"] != self.images.tokenizer["weights_sha256"]:
+                    raise ValueError(f"the validation shards {', '.join(sources)} were encoded by another image "
+                                     "tokenizer than the training shards; encode both with the same one")
+                self.shard_sets.append(images)
+                return PretrainDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
+                                       max_words=cfg.max_words, eos=cfg.caption_eos)
+            return InstructionDataset(sources or cfg.data, self.images, self.text_tokenizer_path, self.lm_config,
+                                      max_length=cfg.max_length)
+
+        self.shard_sets = [self.images] if self.images is not None else []
+        train_data = make()
+        val_data = None
+        if cfg.val_data:
+            val_data = make(cfg.val_data)
+        elif cfg.val_holdout > 0 and len(train_data) > 1:
+            # `holdout` samples at a fixed stride, as libra_tok.train.split_holdout (in numpy: LAION-sized sets).
+            n = len(train_data)
+            n_hold = min(cfg.val_holdout, n - 1)
+            stride = n / n_hold
+            held = np.array([int(i * stride + stride / 2) for i in range(n_hold)], dtype=np.int64)
+            val_data = _Subset(train_data, held)
+            train_data = _Subset(train_data, np.delete(np.arange(n), held))
+        if val_data is not None and cfg.val_max_samples is not None and len(val_data) > cfg.val_max_samples:
+            val_data = _Subset(val_data, np.arange(cfg.val_max_samples))  # official: the first 5000
+        return train_data, val_data
+
+    def _wrap(self) -> torch.nn.Module:
+        # A batch without images (or text) would skip that modality's modules, and ranks would
+        # then reduce different gradients: run them on zero rows instead (zero gradients).
+        self.model.run_idle_modules = True
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(self.model, device_ids=ids)
+        if self.parallel == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.d.world,))
+            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh, mp_policy=mp)
+            fully_shard(self.model, mesh=mesh, mp_policy=mp)
+        return self.model
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _state_options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        # Collective under FSDP: every rank calls it, rank 0 writes.
+        trainable = get_model_state_dict(self.model, options=self._state_options(ignore_frozen_params=True))
+        optimizer = get_optimizer_state_dict(self.model, self.opt, options=self._state_options())
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "total_steps": self.total_steps,
+            "config": self.cfg.to_dict(),
+            "lm_config": self.lm_config.to_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
+            "scheduler": self.sched.state_dict(),
+            "rng": rng_state(),
+            "frozen_fingerprint": self.fingerprint,
+        }
+
+    def save_checkpoint(self) -> Path:
+        ckpt_dir = self.out / CHECKPOINT_DIR
+        name = f"step-{self.step:08d}.pt"
+        state = self._checkpoint_state()
+        if self.d.main:
+            with atomic_path(ckpt_dir / name) as tmp:
+                torch.save(state, tmp)
+            atomic_write_json(ckpt_dir / LATEST, {"file": name, "step": self.step})
+            kept = sorted(ckpt_dir.glob("step-*.pt"))
+            for old in kept[: max(0, len(kept) - max(1, self.cfg.keep_checkpoints))]:
+                old.unlink(missing_ok=True)
+        self._barrier()
+        self.last_checkpoint = ckpt_dir / name
+        return ckpt_dir / name
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a libra-lm training checkpoint")
+        names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(state["trainable"]) != names:
+            raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
+                             f"(frozen_llm {self.cfg.frozen_llm}); resume with the options the run started with")
+        if state["frozen_fingerprint"] != self.fingerprint:
+            raise ValueError(f"the frozen weights differ from those the run in {self.out} started from (was "
+                             "--init-from, --preset, --lm or --seed changed?); resume with the same starting point")
+        set_model_state_dict(self.model, state["trainable"], options=self._state_options(strict=False))
+        set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=self._state_options())
+        self.sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.batches_seen = int(state["batches_seen"])
+        self.last_checkpoint = path
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_final(self) -> Path:
+        """The trained model as a libra-lm folder (config.json + model.safetensors) with the
+        text tokenizer beside it, ready for `libra-lm generate --model`."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        final = self.out / "final"
+        if self.parallel == "fsdp":
+            state = get_model_state_dict(self.model, options=self._state_options())
+            if self.d.main:
+                with torch.device("meta"):
+                    model = LibraForCausalLM(self.lm_config)
+                model.load_state_dict(state, assign=True)
+                model.save_pretrained(final)
+        elif self.d.main:
+            self.model.save_pretrained(final)
+        if self.d.main:
+            atomic_write_bytes(final / MODEL_FILE, Path(self.text_tokenizer_path).read_bytes())
+        self._barrier()
+        return final
+
+    def _barrier(self) -> None:
+        if self.d.world > 1:
+            dist.barrier()
+
+    # -- logging --------------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if not self.d.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as fh:  # append-only log; one line per record
+            fh.write(json.dumps(row) + "\n")
+
+    # -- batches --------------------------------------------------------------------------------
+    def _collator(self) -> Collator:
+        cfg = self.cfg
+        return Collator(self.lm_config, pack=cfg.packing, pack_length=cfg.pack_length or cfg.max_length)
+
+    def _loader(self) -> Iterator[Batch]:
+        cfg = self.cfg
+        batches = KeyedBatches(len(self.train_data), cfg.batch_size, cfg.seed, self.d, start=self.batches_seen)
+        loader = DataLoader(self.train_data, batch_sampler=batches, num_workers=cfg.num_workers,
+                            collate_fn=self._collator(), pin_memory=self.device.type == "cuda",
+                            persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+        return iter(loader)
+
+    def features(self, batch: Batch) -> torch.Tensor | None:
+        """CLIP features (B, N, C) of a batch on the device: stored ones, plus those the frozen
+        tokenizer computes from `batch.pixels`; None in discrete mode (zeros in the model)."""
+        feats = batch.clip_features
+        if batch.pixels is None:
+            return feats
+        if self.image_tok is None:
+            raise RuntimeError("a batch needs CLIP features computed but no image tokenizer was loaded")
+        out = self.image_tok.encode(batch.pixels.to(self.device), precision=self.cfg.precision)
+        if feats is None:
+            b, n = batch.input_ids.shape[:2]
+            feats = torch.zeros(b, n, self.lm_config.contiguous_signal_size, device=self.device)
+        p = self.lm_config.num_image_tokens
+        mismatched = 0
+        for k, (row, start) in enumerate(batch.pixel_slots):
+            feats[row, start:start + p] = out.features[k].to(feats.dtype)
+            stored = batch.input_ids[row, start:start + p] - self.lm_config.text_vocab_size
+            mismatched += int((stored != out.ids[k].to(stored.device)).any(-1).sum())
+        total = p * len(batch.pixel_slots)
+        if mismatched > 0.01 * total and not self._id_mismatch_logged:
+            self._id_mismatch_logged = True
+            log.warning("recomputed image ids differ from the shard's at %d of %d patches: the features may not "
+                        "belong to these ids (other image files or tokenizer than at encoding?)", mismatched, total)
+        return feats
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _sync_context(self, sync: bool):
+        if sync or self.parallel == "none":
+            return contextlib.nullcontext()
+        if self.parallel == "ddp":
+            return self.wrapped.no_sync()
+        self.model.set_requires_gradient_sync(False)
+        return _restore_sync(self.model)
+
+    def _autocast(self):
+        # Under FSDP the mixed-precision policy casts the parameters instead.
+        if self.parallel == "fsdp" or self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return autocast_for(self.device, "bf16")
+
+    def _forward(self, module: torch.nn.Module, batch: Batch, with_loss: bool):
+        with self._autocast():
+            return module(batch.input_ids, self.features(batch), batch.attention_mask,
+                          batch.labels if with_loss else None, segment_ids=batch.segment_ids)
+
+    def train_step(self, micro: Sequence[Batch]) -> dict[str, float]:
+        """One optimizer step over `micro` batches: backward each, average as loss_reduction
+        says, clip, step. Returns the step's metrics (global over processes)."""
+        cfg = self.cfg
+        self.model.train()
+        counts = [b.num_labels for b in micro]
+        total = float(_all_reduce(torch.tensor(float(sum(counts)), dtype=torch.float64), self.d))
+        sums = torch.zeros(7, dtype=torch.float64)  # official loss sum, labels, text sum, n, image sum, n, tokens
+        for i, batch in enumerate(micro):
+            batch = batch.to(self.device, non_blocking=True)
+            with self._sync_context(i == len(micro) - 1):
+                out = self._forward(self.wrapped, batch, with_loss=True)
+                if cfg.loss_reduction == "tokens":
+                    # DDP/FSDP average gradients over processes: scale by world to get the global token mean.
+                    loss = out.loss * (counts[i] * self.d.world / max(total, 1.0))
+                else:
+                    loss = out.loss / len(micro)
+                loss.backward()
+            with torch.no_grad():
+                per, valid, image = token_losses(out.text_logits, out.vision_logits, batch.labels, self.lm_config)
+                text = valid & ~image
+                sums += torch.tensor([float(out.loss) * counts[i], counts[i], float(per[text].sum()), int(text.sum()),
+                                      float(per[image].sum()), int(image.sum()), batch.num_tokens], dtype=torch.float64)
+        sums = _all_reduce(sums, self.d)
+        loss_value = float(sums[0] / sums[1].clamp(min=1))
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"non-finite loss ({loss_value}) at step {self.step}; last good checkpoint: "
+                f"{self.last_checkpoint or 'none yet'} (resume from it with a lower --lr, or check the data)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {
+            "loss": loss_value,
+            "loss_image": float(sums[4] / sums[5]) if sums[5] > 0 else None,
+            "loss_text": float(sums[2] / sums[3]) if sums[3] > 0 else None,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "labels": int(sums[1]),
+            "tokens": int(sums[6]),
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss of the validation set (global token mean and its parts), on every process."""
+        if self.val_data is None:
+            return {}
+        cfg = self.cfg
+        self.model.eval()
+        n = len(self.val_data)
+        chunks = [list(range(s, min(n, s + cfg.batch_size))) for s in range(0, n, cfg.batch_size)]
+        mine = chunks[self.d.rank::self.d.world]
+        # Every rank runs as many forwards (FSDP gathers weights collectively); extra ones weigh 0.
+        rounds = math.ceil(len(chunks) / self.d.world)
+        weights = [1.0] * len(mine) + [0.0] * (rounds - len(mine))
+        mine = mine + [chunks[0]] * (rounds - len(mine))
+        loader = DataLoader(self.val_data, batch_sampler=mine, num_workers=min(cfg.num_workers, 2),
+                            collate_fn=self._collator())
+        sums = torch.zeros(6, dtype=torch.float64)
+        module = self.model if self.parallel == "ddp" else self.wrapped  # no DDP hooks for evaluation
+        for weight, batch in zip(weights, loader):
+            batch = batch.to(self.device)
+            out = self._forward(module, batch, with_loss=False)
+            per, valid, image = token_losses(out.text_logits, out.vision_logits, batch.labels, self.lm_config)
+            text = valid & ~image
+            sums += weight * torch.tensor([float(per[valid].sum()), int(valid.sum()), float(per[text].sum()),
+                                           int(text.sum()), float(per[image].sum()), int(image.sum())],
+                                          dtype=torch.float64)
+        sums = _all_reduce(sums, self.d)
+        self.model.train()
+        row = {"val_loss": float(sums[0] / sums[1].clamp(min=1)), "val_samples": n}
+        if sums[3] > 0:
+            row["val_loss_text"] = float(sums[2] / sums[3])
+        if sums[5] > 0:
+            row["val_loss_image"] = float(sums[4] / sums[5])
+        return row
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train until the configured steps (or `stop_at`, e.g. to split a run into chunks),
+        then write a checkpoint, the final model and the loss plot."""
+        cfg = self.cfg
+        last = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "train_config.json", cfg.to_dict())
+            log.info("%s: %d samples, %d steps of %d sequences (%d x %d x %d processes), %.1f M of %.1f M parameters "
+                     "train", cfg.stage, len(self.train_data), self.total_steps, self.world_batch, cfg.batch_size,
+                     cfg.grad_accum, self.d.world, self.model.num_parameters(True) / 1e6, self.model.num_parameters() / 1e6)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
+                   disable=not (self.progress and self.d.main), dynamic_ncols=True)
+        batches = self._loader()
+        started = time.perf_counter()
+        window_t, window_tokens = time.perf_counter(), 0
+        stop_reason = "done"
+        try:
+            while self.step < last:
+                micro = [next(batches) for _ in range(cfg.grad_accum)]
+                self.batches_seen += cfg.grad_accum
+                row = self.train_step(micro)
+                self.step += 1
+                window_tokens += row["tokens"]
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == last:
+                    now = time.perf_counter()
+                    row.update(step=self.step, epoch=self.batches_seen * cfg.batch_size * self.d.world / len(self.train_data),
+                               tokens_per_s=window_tokens / max(now - window_t, 1e-9))
+                    window_t, window_tokens = now, 0
+                    self._log({k: v for k, v in row.items() if v is not None})
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if self.val_data is not None and (self.step % cfg.val_every == 0 or self.step == self.total_steps):
+                    self._log({"step": self.step, **self.validate()})
+                if self.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+                if cfg.max_minutes is not None and (time.perf_counter() - started) / 60 >= cfg.max_minutes:
+                    stop_reason = f"time limit of {cfg.max_minutes} min"
+                    break
+        finally:
+            bar.close()
+        if self.step % cfg.save_every != 0:
+            self.save_checkpoint()
+        final = self.save_final()
+        plot = None
+        if self.d.main:
+            skipped = self.images_skipped()
+            if skipped:
+                data = self.train_data.dataset if isinstance(self.train_data, _Subset) else self.train_data
+                log.info("%d training sample(s) left out (%s)", getattr(data, "num_skipped", len(skipped)),
+                         self.out / "skipped_samples.json")
+                atomic_write_json(self.out / "skipped_samples.json", skipped)
+            log_file = self.out / "metrics.jsonl"
+            rows = [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.is_file() else []
+            plot = plot_losses(rows, self.out / "loss.png", title=f"Libra LM {cfg.stage}")
+            log.info("stopped at step %d (%s); model written to %s", self.step, stop_reason, final)
+        self._barrier()
+        return TrainResult(self.out, final, self.step, self.history, self.images_skipped(), plot)
+
+    def images_skipped(self) -> dict[str, str]:
+        data = self.train_data.dataset if isinstance(self.train_data, _Subset) else self.train_data
+        return dict(getattr(data, "skipped", {}))
+
+
+class _Subset(torch.utils.data.Dataset):
+    """Positions of a dataset (keys may be (position, seed) as KeyedBatches gives them)."""
+
+    def __init__(self, dataset, positions: Sequence[int]):
+        self.dataset, self.positions = dataset, np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, key):
+        position = key[0] if isinstance(key, tuple) else key
+        return self.dataset[int(self.positions[position])]
+
+
+@contextlib.contextmanager
+def _restore_sync(module):
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop_at: int | None = None) -> TrainResult:
+    """Train the LM; see TrainConfig for every option. `resume` continues the run in
+    `config.out_dir` from its latest checkpoint; `stop_at` ends this call early at that step
+    (the schedule still spans all steps)."""
+    return Trainer(config, resume=resume, progress=progress).run(stop_at=stop_at)
+
+
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "train", "token_losses", "sample_losses", "param_groups",
+           "lm_config_for", "build_model", "resolve_image_tokenizer", "plot_losses", "STAGE_DEFAULTS"]
