@@ -118,5 +118,21 @@ def _mapping_callback(ctx, param, value):
 
 def options_to_overrides(options: dict) -> dict:
     """The options the user gave (None and empty repeatable options mean "not given")."""
-    return {k: (list(v) if isinstance(v, tuple) and k == "data" else v) for k, v in options.items()
-            if v is not None and not (isinstance(v, tuple) and len(v) == 0)}
+    return {k: v for k, v in options.items() if v is not None and not (isinstance(v, tuple) and len(v) == 0)}
+
+
+def run_options(cls, config_file, resume: bool, options: dict, data=()) -> dict:
+    """Options of a training run: the config file (or, with --resume and no file, the options
+    the run in --out-dir saved), overridden by what was given on the command line."""
+    from pathlib import Path
+
+    from libra_tok.train import load_config_file
+
+    overrides = options_to_overrides(options)
+    base: dict = load_config_file(config_file) if config_file else {}
+    saved = Path(overrides.get("out_dir", base.get("out_dir", cls.out_dir))) / "train_config.json"
+    if resume and not config_file and saved.is_file():
+        base = load_config_file(saved)
+    if data:
+        overrides["data"] = [str(d) for d in data]
+    return {**base, **overrides}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import dataclass_options, fail_on_errors, options_to_overrides
+from cli.common import dataclass_options, fail_on_errors, run_options
 from libra_lm.train import TrainConfig
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -153,22 +153,11 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
     import logging
     import os
 
-    from libra_lm.train import load_config_file, train
+    from libra_lm.train import train
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = options_to_overrides(options)
-    base: dict = load_config_file(config_file) if config_file else {}
-    out_dir = Path(overrides.get("out_dir", base.get("out_dir", TrainConfig.out_dir)))
-    saved = out_dir / "train_config.json"
-    if resume and not config_file and saved.is_file():
-        base = load_config_file(saved)
-    if data:
-        overrides["data"] = [str(d) for d in data]
-    for key in ("image_shards", "val_data"):
-        if key in overrides:
-            overrides[key] = [str(v) for v in overrides[key]]
-    result = train(TrainConfig.from_dict({**base, **overrides}), resume=resume)
+    result = train(TrainConfig.from_dict(run_options(TrainConfig, config_file, resume, options, data)), resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun the first process reports
     losses = [row["loss"] for row in result.history if "loss" in row]

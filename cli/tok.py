@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import dataclass_options, fail_on_errors, options_to_overrides
+from cli.common import dataclass_options, fail_on_errors, run_options
 from libra_tok.train import TrainConfig
 
 
@@ -68,19 +68,12 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
     own slice of each batch (DDP). Checkpoints, reconstruction grids of held-out images,
     metrics.jsonl and the final tokenizer (EMA weights) go to --out-dir.
     """
-    from libra_tok.train import load_config_file, train
+    from libra_tok.train import train
 
-    overrides = options_to_overrides(options)
-    base: dict = load_config_file(config_file) if config_file else {}
-    out_dir = Path(overrides.get("out_dir", base.get("out_dir", TrainConfig.out_dir)))
-    saved = out_dir / "train_config.json"
-    if resume and not config_file and saved.is_file():
-        base = load_config_file(saved)
-    if data:
-        overrides["data"] = [str(d) for d in data]
+    merged = run_options(TrainConfig, config_file, resume, options, data)
     if clip_weights is not None:
-        overrides["tokenizer"] = {**base.get("tokenizer", {}), **overrides.get("tokenizer", {}), "clip_pretrained": clip_weights}
-    result = train(TrainConfig.from_dict({**base, **overrides}), resume=resume)
+        merged["tokenizer"] = {**merged.get("tokenizer", {}), "clip_pretrained": clip_weights}
+    result = train(TrainConfig.from_dict(merged), resume=resume)
     click.echo(f"trained {result.step} steps; tokenizer: {result.final_tokenizer}")
     if result.skipped_images:
         click.echo(f"skipped {len(result.skipped_images)} unreadable image(s): see {result.out_dir / 'skipped_images.json'}")

@@ -34,6 +34,7 @@ class LibraOutput:
     vision_logits: torch.Tensor  # (B, n, num_codebooks, vision_vocab) float32, -inf at text positions
     hidden_states: torch.Tensor  # (B, n, D) after the routed final norm
     past_key_values: "KVCache | None" = None
+    token_losses: torch.Tensor | None = None  # (B, n-1, codebooks) cross-entropy per label, 0 where ignored
 
 
 # ---- KV cache ---------------------------------------------------------------------------------
@@ -140,9 +141,12 @@ class LibraAttention(nn.Module):
         q = routed(self.q_proj, self.vision_q_proj)
         k = routed(self.k_proj, self.vision_k_proj)
         v = routed(self.v_proj, self.vision_v_proj)
-        # The bridged views get the delta before RoPE, as the official code.
-        k_x = k + routed(self.vision_k_bridge_on_language, self.vision_k_bridge_on_vision)
-        v_x = v + routed(self.vision_v_bridge_on_language, self.vision_v_bridge_on_vision)
+        if ctx.cache is None and not router.run_idle and (router.num_text == 0 or router.num_vision == 0):
+            k_x, v_x = k, v  # one modality, no cache: no cross-modal pair reads a bridged view
+        else:
+            # The bridged views get the delta before RoPE, as the official code.
+            k_x = k + routed(self.vision_k_bridge_on_language, self.vision_k_bridge_on_vision)
+            v_x = v + routed(self.vision_v_bridge_on_language, self.vision_v_bridge_on_vision)
         q, k, k_x = (apply_rope(t, ctx.cos, ctx.sin) for t in (q, k, k_x))
         if ctx.cache is not None:
             k, v, k_x, v_x = ctx.cache.update(self.layer_idx, [k, v, k_x, v_x])
@@ -446,12 +450,13 @@ class LibraForCausalLM(nn.Module):
             text_logits, vision_logits = self._heads(hidden[:, -logits_to_keep:], head_router)
         else:
             text_logits, vision_logits = self._heads(hidden, router)
-        loss = None
+        loss = per = None
         if labels is not None:
             if logits_to_keep and logits_to_keep < n:
                 raise ValueError("labels need logits at every position; leave logits_to_keep at 0")
-            loss = self.loss(text_logits, vision_logits, labels, is_vision)
-        return LibraOutput(loss, text_logits, vision_logits, hidden, cache)
+            per, valid = self.token_losses(text_logits, vision_logits, labels, is_vision)
+            loss = self._official_mean(per, valid)
+        return LibraOutput(loss, text_logits, vision_logits, hidden, cache, per)
 
     @staticmethod
     def _key_mask(attention_mask, cache, b, n, past, device) -> torch.Tensor:
@@ -473,6 +478,9 @@ class LibraForCausalLM(nn.Module):
         (the official joint logit layout, reference 2.8)."""
         cfg = self.config
         b, n, _ = hidden.shape
+        if not router.run_idle and router.num_vision == 0:  # text only: no scatter of the large logits
+            vision = hidden.new_full((b, n, cfg.num_codebooks, cfg.vision_vocab_size), float("-inf"), dtype=torch.float32)
+            return self.lm_head(hidden).float(), vision
         h_text, h_vision = router.split(hidden)
         text = hidden.new_full((b * n, cfg.text_vocab_size), float("-inf"), dtype=torch.float32)
         vision = hidden.new_full((b * n, cfg.num_codebooks, cfg.vision_vocab_size), float("-inf"), dtype=torch.float32)
@@ -482,43 +490,67 @@ class LibraForCausalLM(nn.Module):
             vision = vision.index_copy(0, router.vision_index, self.vision_lm_head(h_vision).float())
         return text.view(b, n, -1), vision.view(b, n, cfg.num_codebooks, -1)
 
+    def token_losses(
+        self, text_logits: torch.Tensor, vision_logits: torch.Tensor, labels: torch.Tensor, is_vision: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of every label, (B, N-1, codebooks), 0 where ignored, and the mask of
+        the labels that count. Position t predicts t + 1. A position's logits are finite only for
+        its own modality (the official joint [text | vision] layout, reference 2.8), so the joint
+        log-softmax equals the log-softmax over that modality's logits; a label of the other
+        modality would have probability 0 and is rejected. A text position predicts one text
+        token, so its cross-entropy is computed once and counted in every codebook."""
+        cfg = self.config
+        ncb, v_t = cfg.num_codebooks, cfg.text_vocab_size
+        if labels.ndim == 2:
+            labels = labels[..., None].expand(*labels.shape, ncb)
+        if tuple(labels.shape) != (*is_vision.shape, ncb):
+            raise ValueError(f"labels must have the shape of input_ids {(*is_vision.shape, ncb)}, "
+                             f"got {tuple(labels.shape)}")
+        labels = labels[:, 1:].to(text_logits.device).long()
+        valid = labels != IGNORE_INDEX
+        source_vision = is_vision[:, :-1, None]
+        text_rows, vision_rows = valid.any(-1) & ~source_vision[..., 0], valid.any(-1) & source_vision[..., 0]
+        text_labels = torch.where(valid, labels, labels.max(-1, keepdim=True).values)  # a row's one text label
+        bad = torch.stack([
+            (valid & ~source_vision & ((labels < 0) | (labels >= v_t))).any(),
+            (valid & source_vision & ((labels < v_t) | (labels >= v_t + cfg.vision_vocab_size))).any(),
+            (text_rows[..., None] & (text_labels != text_labels[..., :1])).any(),
+        ]).tolist()
+        if bad[0] or bad[1]:
+            raise ValueError(
+                "labels ask a position to predict a token of the other modality (or an id out of range): "
+                "text positions predict text ids, vision positions vision ids. Mask such labels with -100 "
+                "as the official pipeline does (BOI after text, the first text token after EOI)."
+            )
+        if bad[2]:
+            raise ValueError("a text position's labels must name the same text token in every codebook column")
+        per = text_logits.new_zeros(labels.shape)
+        if not bool(source_vision.any()):
+            # Text only: every row has finite text logits, no gather of the (large) logits needed.
+            target = torch.where(text_rows, text_labels[..., 0], IGNORE_INDEX).reshape(-1)
+            ce = F.cross_entropy(text_logits[:, :-1].reshape(-1, v_t), target, reduction="none")
+            per = per + ce.view(text_rows.shape)[..., None]
+        else:  # (possibly zero rows: the heads stay in the graph, as run_idle_modules needs)
+            ce = F.cross_entropy(text_logits[:, :-1][text_rows], text_labels[..., 0][text_rows], reduction="none")
+            per = per.index_put((text_rows,), ce[:, None].expand(-1, ncb))
+        target = torch.where(valid, labels - v_t, IGNORE_INDEX)[vision_rows]  # (n, codebooks)
+        logits = vision_logits[:, :-1][vision_rows]  # (n, codebooks, vision vocab)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        per = per.index_put((vision_rows,), ce.view(-1, ncb))
+        return per * valid, valid
+
     def loss(
         self, text_logits: torch.Tensor, vision_logits: torch.Tensor, labels: torch.Tensor, is_vision: torch.Tensor
     ) -> torch.Tensor:
-        """Official loss (reference 2.9): per codebook, cross-entropy over the joint
-        [text | vision] logit space (the other modality at -inf), mean over the non-ignored
-        labels; then the mean over codebooks. A position's logits are finite only for its own
-        modality, so the joint log-softmax equals the log-softmax over that modality's logits;
-        a label of the other modality would have probability 0 and is rejected."""
-        cfg = self.config
-        if labels.ndim == 2:
-            labels = labels[..., None].expand(*labels.shape, cfg.num_codebooks)
-        if tuple(labels.shape) != (*is_vision.shape, cfg.num_codebooks):
-            raise ValueError(f"labels must have the shape of input_ids {(*is_vision.shape, cfg.num_codebooks)}, "
-                             f"got {tuple(labels.shape)}")
-        labels = labels[:, 1:].to(text_logits.device).long()
-        source_vision = is_vision[:, :-1]
-        text_logits, vision_logits = text_logits[:, :-1], vision_logits[:, :-1]
-        v_t = cfg.text_vocab_size
-        total = text_logits.new_zeros(())
-        for c in range(cfg.num_codebooks):
-            y = labels[..., c]
-            valid = y != IGNORE_INDEX
-            from_text, from_vision = valid & ~source_vision, valid & source_vision
-            y_text, y_vision = y[from_text], y[from_vision] - v_t
-            bad_text = (y_text < 0) | (y_text >= v_t)
-            bad_vision = (y_vision < 0) | (y_vision >= cfg.vision_vocab_size)
-            if bool(bad_text.any() | bad_vision.any()):
-                raise ValueError(
-                    "labels ask a position to predict a token of the other modality (or an id out of range): "
-                    "text positions predict text ids, vision positions vision ids. Mask such labels with -100 "
-                    "as the official pipeline does (BOI after text, the first text token after EOI)."
-                )
-            loss_sum = F.cross_entropy(text_logits[from_text], y_text, reduction="sum")
-            loss_sum = loss_sum + F.cross_entropy(vision_logits[from_vision][:, c], y_vision, reduction="sum")
-            # A batch without labels gives 0 (the official mean would be NaN).
-            total = total + loss_sum / valid.sum().clamp(min=1)
-        return total / cfg.num_codebooks
+        """Official loss (reference 2.9): per codebook, the mean cross-entropy over its
+        non-ignored labels in the joint logit space; then the mean over codebooks. A batch
+        without labels gives 0 (the official mean would be NaN)."""
+        per, valid = self.token_losses(text_logits, vision_logits, labels, is_vision)
+        return self._official_mean(per, valid)
+
+    @staticmethod
+    def _official_mean(per: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return (per.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)).mean()
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from libra_tok.fileio import atomic_path, atomic_write_bytes, atomic_write_json
@@ -180,27 +179,18 @@ class TrainConfig:
 
 
 # ---- losses ---------------------------------------------------------------------------------------
-def token_losses(
-    text_logits: torch.Tensor, vision_logits: torch.Tensor, labels: torch.Tensor, config: LibraConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-position terms of the official loss (reference 2.9): (loss (B, N-1), valid, is_image).
-    Position t predicts t + 1; a text label costs its cross-entropy, an image label the mean
-    over codebooks of each codebook's cross-entropy. The official loss is
-    loss[valid].sum() / valid.sum(); the image and text parts split that sum by label kind."""
-    labels = labels[:, 1:].to(text_logits.device).long()
-    first = labels[..., 0]
-    valid = first != IGNORE_INDEX
-    image = valid & (first >= config.text_vocab_size)
-    text = valid & ~image
-    loss = torch.zeros(first.shape, dtype=torch.float32, device=text_logits.device)
-    if bool(text.any()):
-        loss[text] = F.cross_entropy(text_logits[:, :-1][text].float(), first[text], reduction="none")
-    if bool(image.any()):
-        logits = vision_logits[:, :-1][image].float()  # (n, codebooks, vision vocab)
-        target = labels[image] - config.text_vocab_size
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-        loss[image] = ce.view(-1, config.num_codebooks).mean(1)
-    return loss, valid, image
+def token_losses(out, labels: torch.Tensor, config: LibraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position terms of the official loss (reference 2.9) from a forward with labels:
+    (loss (B, N-1), valid, is_image). A text label costs its cross-entropy, an image label the
+    mean over codebooks of each codebook's cross-entropy; when no label ignores a single
+    codebook, the official loss is loss[valid].sum() / valid.sum(), and the image and text
+    parts split that sum by label kind."""
+    labels = labels[:, 1:].to(out.token_losses.device)
+    per_codebook = labels != IGNORE_INDEX
+    valid = per_codebook.any(-1)
+    image = valid & (labels.max(-1).values >= config.text_vocab_size)
+    loss = out.token_losses.sum(-1) / per_codebook.sum(-1).clamp(min=1)
+    return loss.float(), valid, image
 
 
 def sample_losses(batch: Batch, loss: torch.Tensor, valid: torch.Tensor) -> list[float]:
@@ -709,7 +699,7 @@ class Trainer:
                     loss = out.loss / len(micro)
                 loss.backward()
             with torch.no_grad():
-                per, valid, image = token_losses(out.text_logits, out.vision_logits, batch.labels, self.lm_config)
+                per, valid, image = token_losses(out, batch.labels, self.lm_config)
                 text = valid & ~image
                 sums += torch.tensor([float(out.loss) * counts[i], counts[i], float(per[text].sum()), int(text.sum()),
                                       float(per[image].sum()), int(image.sum()), batch.num_tokens], dtype=torch.float64)
@@ -756,8 +746,8 @@ class Trainer:
         module = self.model if self.parallel == "ddp" else self.wrapped  # no DDP hooks for evaluation
         for weight, batch in zip(weights, loader):
             batch = batch.to(self.device)
-            out = self._forward(module, batch, with_loss=False)
-            per, valid, image = token_losses(out.text_logits, out.vision_logits, batch.labels, self.lm_config)
+            out = self._forward(module, batch, with_loss=True)
+            per, valid, image = token_losses(out, batch.labels, self.lm_config)
             text = valid & ~image
             sums += weight * torch.tensor([float(per[valid].sum()), int(valid.sum()), float(per[text].sum()),
                                            int(text.sum()), float(per[image].sum()), int(image.sum())],

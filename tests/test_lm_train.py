@@ -72,7 +72,7 @@ def test_token_losses_are_the_official_loss_split_by_label_kind():
     labels[boi | after_eoi] = -100  # cross-modal predictions, masked as the data pipeline does
     labels[0, :2] = -100
     out = model(ids, feats, labels=labels)
-    per, valid, image = token_losses(out.text_logits, out.vision_logits, labels, TINY)
+    per, valid, image = token_losses(out, labels, TINY)
     assert torch.allclose(per[valid].sum() / valid.sum(), out.loss, rtol=1e-6)
     # Independent check of one image label: the mean over codebooks of each head's cross-entropy.
     b, t = image.nonzero()[0].tolist()
@@ -93,8 +93,9 @@ def test_packed_sequences_give_the_per_sample_losses_of_padded_ones(shard_dirs, 
     for kw in ({}, dict(pack=True, pack_length=400)):
         batch = collate(examples, TINY, **kw)
         with torch.no_grad():
-            out = model(batch.input_ids, batch.clip_features, batch.attention_mask, segment_ids=batch.segment_ids)
-        per, valid, _ = token_losses(out.text_logits, out.vision_logits, batch.labels, TINY)
+            out = model(batch.input_ids, batch.clip_features, batch.attention_mask, batch.labels,
+                        segment_ids=batch.segment_ids)
+        per, valid, _ = token_losses(out, batch.labels, TINY)
         losses.append(sample_losses(batch, per, valid))
         if kw:
             assert batch.input_ids.shape[0] < len(examples)  # really packed
