@@ -121,6 +121,15 @@ def options_to_overrides(options: dict) -> dict:
     return {k: v for k, v in options.items() if v is not None and not (isinstance(v, tuple) and len(v) == 0)}
 
 
+def run_file_options(fn):
+    """--config FILE and --resume, shared by the training commands (see run_options)."""
+    fn = click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint "
+                      "(its saved options are the base; options given here override them, e.g. a larger --steps).")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                      help="YAML or JSON file of training options; command-line options override it.")(fn)
+    return fn
+
+
 def run_options(cls, config_file, resume: bool, options: dict, data=()) -> dict:
     """Options of a training run: the config file (or, with --resume and no file, the options
     the run in --out-dir saved), overridden by what was given on the command line."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import dataclass_options, fail_on_errors, run_options
+from cli.common import dataclass_options, fail_on_errors, run_file_options, run_options
 from libra_lm.train import TrainConfig
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -135,10 +135,7 @@ def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, se
 
 @main.command("train")
 @click.argument("data", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML or JSON file of training options; command-line options override it.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint (its saved "
-              "options are the base; options given here override them, e.g. a larger --steps).")
+@run_file_options
 @dataclass_options(TrainConfig, skip=("data",))
 @fail_on_errors
 def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, **options) -> None:

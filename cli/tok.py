@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import dataclass_options, fail_on_errors, run_options
+from cli.common import dataclass_options, fail_on_errors, run_file_options, run_options
 from libra_tok.train import TrainConfig
 
 
@@ -52,10 +52,7 @@ def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, see
 
 @main.command("train")
 @click.argument("data", nargs=-1, type=click.Path(exists=True, path_type=Path))
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML or JSON file of training options; command-line options override it.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out-dir from its latest checkpoint (its saved "
-              "options are the base; options given here override them, e.g. a larger --steps).")
+@run_file_options
 @click.option("--clip-weights", default=None, help="CLIP weights for a fresh tokenizer: an open_clip tag (openai), "
               "a weights file (open_clip or HF CLIP) or an HF CLIP folder; same as --tokenizer '{clip_pretrained: ...}'.")
 @dataclass_options(TrainConfig, skip=("data",))
