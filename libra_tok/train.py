@@ -526,7 +526,7 @@ class Trainer:
         if not torch.isfinite(check):
             last = getattr(self, "last_checkpoint", None)
             raise TrainingDiverged(
-                f"non-finite loss ({float(loss)}) at step {self.step}; last good checkpoint: "
+                f"non-finite loss ({float(loss.detach())}) at step {self.step}; last good checkpoint: "
                 f"{last if last else 'none yet'} (resume from it with a lower --lr, or check the data)"
             )
         self.opt.zero_grad(set_to_none=True)

@@ -38,9 +38,9 @@ def test_adaptive_weight_is_gradient_norm_ratio():
 
 def test_generator_loss_parts_and_gan_start():
     torch.manual_seed(0)
-    import lpips
+    from libra_tok.metrics import build_lpips
 
-    perceptual = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    perceptual = build_lpips("vgg", random_backbone=True)  # LPIPS heads of the package, random VGG trunk
     disc = NLayerDiscriminator(ndf=8)
     loss = TokenizerLoss(LossWeights(l1=1.0, l2=0.5, perceptual=0.3, codebook=2.0, disc=1.0, disc_start=10),
                          perceptual, disc)
