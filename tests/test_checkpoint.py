@@ -254,3 +254,21 @@ def test_libra_l336_has_official_shapes():
     assert decoder_params == sum(p.numel() for p in model.decoder.parameters())
     assert 155e6 < decoder_params < 157e6  # reference 1.5: ~156 M
     assert model.config.grid_size == 24 and model.num_tokens == 576 and model.config.feature_dim == 4096
+
+
+def test_convert_official_cli(official, tmp_path, tiny_pixels):
+    from click.testing import CliRunner
+
+    from cli.tok import main
+
+    path, _, ref, _ = official
+    res = CliRunner().invoke(main, ["convert-official", str(path), str(tmp_path / "converted"), "--preset", "tiny"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and "64 tokens x 2 ids of 9 bits" in res.output
+    tok = ImageTokenizer.from_pretrained(tmp_path / "converted")
+    direct = load_official(path, config="tiny")
+    assert torch.equal(tok.encode(tiny_pixels).ids, direct.encode(tiny_pixels).ids)
+    bad = CliRunner().invoke(main, ["convert-official", str(path), str(tmp_path / "x")])  # libra-l336 assumed
+    assert bad.exit_code == 1 and bad.output.startswith("Error: ") and "does not fit the model" in bad.output
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "converted")])
+    assert info.exit_code == 0 and "8x8 = 64 tokens at 112 px" in info.output

@@ -81,6 +81,20 @@ def test_mixed_folder_encodes_good_and_lists_bad(tok, mixed_folder, tmp_path):
     assert shards[0].meta["width"] > 0 and shards.verify() == []
 
 
+def test_captions_csv(tmp_path, asset_images):
+    from libra_tok.data import list_images
+
+    for p in asset_images[:2]:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "captions.csv").write_text(f"image,text\n{asset_images[1].name},\"a photo, with a comma\"\n")
+    records = list_images([tmp_path])
+    assert [r.caption for r in records] == [None, "a photo, with a comma"]
+    (tmp_path / "captions.csv").unlink()
+    (tmp_path / "captions.jsonl").write_text("{not json}\n")
+    with pytest.raises(ValueError, match=r"captions.jsonl:1: not a JSON object"):
+        list_images([tmp_path])
+
+
 def test_permission_denied_is_recorded(tok, tmp_path, asset_images, monkeypatch):
     for p in asset_images[:2]:
         shutil.copy(p, tmp_path / p.name)
