@@ -11,6 +11,7 @@ checkpoint continues exactly as an uninterrupted one (bitwise on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -233,10 +234,9 @@ class EMA:
         self.shadow = {k: v.clone().float() for k, v in state.items()}
 
 
-def _trainable_state(tok: ImageTokenizer) -> dict[str, torch.Tensor]:
-    """Quantizer and decoder tensors (parameters and buffers), keyed as in the tokenizer."""
-    return {k: v for k, v in tok.state_dict(keep_vars=True).items() if k.startswith(("quantizer.", "decoder."))
-            and isinstance(v, nn.Parameter)}
+def trainable_params(tok: ImageTokenizer) -> dict[str, nn.Parameter]:
+    """The trained parameters by name: quantizer and decoder (CLIP has requires_grad off)."""
+    return {name: p for name, p in tok.named_parameters() if p.requires_grad}
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ class Trainer:
         if self.disc is not None:
             self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=config.disc_lr or config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
-        self.ema = EMA({k: v for k, v in _trainable_state(self.tok).items()}, config.ema_decay) if config.ema_decay > 0 else None
+        self.ema = EMA(trainable_params(self.tok), config.ema_decay) if config.ema_decay > 0 else None
 
         # DDP over the trainable parts; CLIP has no trainable parameter and is left alone.
         self.tok_ddp: nn.Module = self.tok
@@ -473,30 +473,23 @@ class Trainer:
         atomic_save_image(grid, self.out / "samples" / f"step-{self.step:08d}.png")
         return {"holdout_psnr": float(psnr_signed(recon, target).mean())}
 
-    class _Swap:
-        def __init__(self, trainer: "Trainer"):
-            self.t = trainer
-
-        def __enter__(self):
-            t = self.t
-            if t.ema is None:
-                return
-            params = _trainable_state(t.tok)
-            self.backup = {k: v.detach().clone() for k, v in params.items()}
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Inside the block the trainable weights are the EMA weights (when an EMA is kept)."""
+        if self.ema is None:
+            yield
+            return
+        params = trainable_params(self.tok)
+        backup = {k: v.detach().clone() for k, v in params.items()}
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(self.ema.shadow[k])
+        try:
+            yield
+        finally:
             with torch.no_grad():
                 for k, v in params.items():
-                    v.copy_(t.ema.shadow[k])
-
-        def __exit__(self, *exc):
-            t = self.t
-            if t.ema is None:
-                return
-            with torch.no_grad():
-                for k, v in _trainable_state(t.tok).items():
-                    v.copy_(self.backup[k])
-
-    def ema_weights(self) -> "_Swap":
-        return Trainer._Swap(self)
+                    v.copy_(backup[k])
 
     # -- the loop -----------------------------------------------------------------------------
     def _loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, list]]:
@@ -536,7 +529,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         if self.ema is not None:
-            self.ema.update({k: v for k, v in _trainable_state(self.tok).items()})
+            self.ema.update(trainable_params(self.tok))
 
         if self.loss.gan_active(self.step):
             self.disc.train().requires_grad_(True)
