@@ -43,10 +43,11 @@ from libra_tok.train import (
     Dist,
     KeyedBatches,
     TrainingDiverged,
-    rng_state,
-    set_rng_state,
+    holdout_indices,
     load_config_file,
     lr_lambda,
+    rng_state,
+    set_rng_state,
     setup_distributed,
 )
 
@@ -495,13 +496,9 @@ class Trainer:
         if cfg.val_data:
             val_data = make(cfg.val_data)
         elif cfg.val_holdout > 0 and len(train_data) > 1:
-            # `holdout` samples at a fixed stride, as libra_tok.train.split_holdout (in numpy: LAION-sized sets).
-            n = len(train_data)
-            n_hold = min(cfg.val_holdout, n - 1)
-            stride = n / n_hold
-            held = np.array([int(i * stride + stride / 2) for i in range(n_hold)], dtype=np.int64)
+            held = holdout_indices(len(train_data), cfg.val_holdout)
             val_data = _Subset(train_data, held)
-            train_data = _Subset(train_data, np.delete(np.arange(n), held))
+            train_data = _Subset(train_data, np.delete(np.arange(len(train_data)), held))
         if val_data is not None and cfg.val_max_samples is not None and len(val_data) > cfg.val_max_samples:
             val_data = _Subset(val_data, np.arange(cfg.val_max_samples))  # official: the first 5000
         return train_data, val_data

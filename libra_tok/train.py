@@ -166,16 +166,20 @@ def _all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:
     return value
 
 
-def split_holdout(records: Sequence[ImageRecord], holdout: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(train, held out): `holdout` images taken at a fixed stride, so they spread over the
-    inputs; at least one image is always kept for training."""
-    n_hold = min(holdout, len(records) - 1)
+def holdout_indices(n: int, holdout: int) -> np.ndarray:
+    """Indices of `holdout` of n items taken at a fixed stride, so they spread over the inputs;
+    at least one item is always left for training."""
+    n_hold = min(holdout, n - 1)
     if n_hold <= 0:
-        return list(records), []
-    stride = len(records) / n_hold
-    hold_idx = {int(i * stride + stride / 2) for i in range(n_hold)}
-    return ([r for i, r in enumerate(records) if i not in hold_idx],
-            [r for i, r in enumerate(records) if i in hold_idx])
+        return np.zeros(0, dtype=np.int64)
+    stride = n / n_hold
+    return np.array([int(i * stride + stride / 2) for i in range(n_hold)], dtype=np.int64)
+
+
+def split_holdout(records: Sequence[ImageRecord], holdout: int) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(train, held out) records, held-out ones chosen by `holdout_indices`."""
+    held = set(holdout_indices(len(records), holdout).tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
 # ---- data order -------------------------------------------------------------------------------
@@ -621,4 +625,4 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
 
 
 __all__ = ["TrainConfig", "train", "Trainer", "TrainResult", "TrainingDiverged", "KeyedBatches", "EMA",
-           "lr_lambda", "load_config_file", "split_holdout", "rng_state", "set_rng_state"]
+           "lr_lambda", "load_config_file", "split_holdout", "holdout_indices", "rng_state", "set_rng_state"]
