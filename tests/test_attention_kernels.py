@@ -395,6 +395,19 @@ def test_bench_smoke_runs():
 
 # ----------------------------------------------------------------------------- CUDA kernels
 
+def assert_matches_oracle(attention, inputs, is_vision, segment_ids, out_tol=1e-2, grad_tol=2e-2):
+    """Output and the five input gradients of `attention` against the fp64 oracle (bf16 margins)."""
+    out = attention(*inputs, is_vision, segment_ids)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, _ = oracle(*ref, is_vision, segment_ids)
+    ref_grads = torch.autograd.grad(ref_out, ref, grad_out.double())
+    assert rel_err(out, ref_out) < out_tol
+    for g, e in zip(grads, ref_grads):
+        assert rel_err(g, e) < grad_tol
+
+
 def _cuda_case(layout, dtype, d, n=1000, b=2, h=3, seed=20):
     gen = torch.Generator().manual_seed(seed)
     is_vision, segment_ids = make_layout(layout, b, n, gen)
@@ -449,15 +462,7 @@ def test_cuda_noncontiguous_inputs_and_no_grad_lse():
     # (B, N, H, d) projections viewed as (B, H, N, d), as a model produces them.
     strided = [t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in inputs]
     with ops.poison_outputs():
-        out = kernels.cuda_bridged_attention(*strided, is_vision, segment_ids)
-        grad_out = torch.randn_like(out)
-        grads = torch.autograd.grad(out, strided, grad_out)
-    ref = [t.detach().double().requires_grad_() for t in inputs]
-    ref_out, _ = oracle(*ref, is_vision, segment_ids)
-    ref_grads = torch.autograd.grad(ref_out, ref, grad_out.double())
-    assert rel_err(out, ref_out) < 1e-2
-    for g, e in zip(grads, ref_grads):
-        assert rel_err(g, e) < 2e-2
+        assert_matches_oracle(kernels.cuda_bridged_attention, strided, is_vision, segment_ids)
 
 
 @pytest.mark.cuda
@@ -492,15 +497,7 @@ def test_flex_cuda_forward_and_backward_match_oracle(layout):
     inputs, is_vision, segment_ids = _cuda_case(layout, torch.bfloat16, 64, n=700)
     inputs = [t.requires_grad_() for t in inputs]
     assert kernels.flex_status(inputs[0]) == (True, "")
-    out = kernels.flex_bridged_attention(*inputs, is_vision, segment_ids)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    ref = [t.detach().double().requires_grad_() for t in inputs]
-    ref_out, _ = oracle(*ref, is_vision, segment_ids)
-    ref_grads = torch.autograd.grad(ref_out, ref, grad_out.double())
-    assert rel_err(out, ref_out) < 1e-2
-    for g, e in zip(grads, ref_grads):
-        assert rel_err(g, e) < 2e-2
+    assert_matches_oracle(kernels.flex_bridged_attention, inputs, is_vision, segment_ids)
 
 
 def test_oracle_is_plain_attention_for_one_modality():
