@@ -7,13 +7,15 @@ import os
 
 import click
 
-# Errors whose message already says what is wrong and how to fix it.
-USER_ERRORS = (FileNotFoundError, ValueError, PermissionError, KeyError, RuntimeError)
+# Errors caused by what the user gave (a value, a file, a folder): their message says what is
+# wrong and how to fix it. Everything else (a bug, a CUDA out-of-memory, a KeyError) keeps its
+# traceback, which is what a bug report needs.
+USER_ERRORS = (ValueError, OSError)
 
 
 def fail_on_errors(fn):
-    """Turn expected exceptions into `Error: <message>` and exit status 1 (set
-    LIBRA_DEBUG=1 to see the traceback)."""
+    """Turn user errors (ValueError, OSError and their subclasses) into `Error: <message>` and
+    exit status 1 (set LIBRA_DEBUG=1 to see the traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -22,10 +24,18 @@ def fail_on_errors(fn):
         except USER_ERRORS as exc:
             if os.environ.get("LIBRA_DEBUG"):
                 raise
-            message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise click.ClickException(message) from exc
+            raise click.ClickException(_message(exc)) from exc
 
     return wrapper
+
+
+def _message(exc: BaseException) -> str:
+    """The one line shown for a user error; OSErrors raised by the system (errno set) name
+    the file and the reason, e.g. "runs/x: Not a directory"."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return str(exc)
 
 
 # ---- dataclass <-> command-line options -------------------------------------------------------

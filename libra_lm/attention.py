@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "eager", "sdpa", "flex", "cuda")
 KERNEL_BACKENDS = ("cuda", "flex")
 
+
+
+class BackendUnavailableError(ValueError):
+    """An attention backend that was asked for explicitly cannot run here (no GPU, no
+    compiler, an unsupported head size ...); the message says why and what runs instead."""
+
+
 _kernels_cache: dict[str, Any] | None = None
 _kernels_error: str | None = None
 _logged: set[str] = set()
@@ -100,7 +107,8 @@ def select_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
             )
         ok, reason = backend_status(backend, q)
         if not ok:
-            raise RuntimeError(f"attention backend {backend!r} cannot run these inputs: {reason}")
+            raise BackendUnavailableError(f"attention backend {backend!r} cannot run these inputs: {reason}; "
+                                          "'auto' picks one that can")
     return backend
 
 
@@ -269,6 +277,7 @@ def bridged_attention(
 
 __all__ = [
     "BACKENDS",
+    "BackendUnavailableError",
     "bridged_attention",
     "eager_bridged_attention",
     "sdpa_bridged_attention",

@@ -308,18 +308,33 @@ def load_weights(
 
 
 # ---- saving ---------------------------------------------------------------------------------------
-def save_pretrained(model: "LibraForCausalLM", path: str | Path) -> Path:
-    """config.json + model.safetensors, each written atomically (weights first)."""
+def save_pretrained(model: "LibraForCausalLM", path: str | Path, *, image_tokenizer: dict[str, Any] | None = None) -> Path:
+    """config.json + model.safetensors, each written atomically (weights first).
+
+    image_tokenizer: the identity of the image tokenizer whose ids the model was trained on
+    (`libra_tok.pipeline.tokenizer_identity`: config, architecture_hash, weights_sha256,
+    source), recorded in config.json so that later stages and `generate` can check it."""
     from libra_tok import __version__
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model.state_dict(), path / WEIGHTS_FILE, metadata={"format": "pt"})
-    atomic_write_json(
-        path / CONFIG_FILE,
-        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "libra_version": __version__, "config": model.config.to_dict()},
-    )
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "libra_version": __version__,
+            "config": model.config.to_dict()}
+    if image_tokenizer is not None:
+        meta["image_tokenizer"] = image_tokenizer
+    atomic_write_json(path / CONFIG_FILE, meta)
     return path
+
+
+def recorded_image_tokenizer(path: str | Path) -> dict[str, Any] | None:
+    """The image-tokenizer identity a libra-lm folder records (see save_pretrained), or None
+    (official and HF LLaMA folders, and folders saved without one)."""
+    folder = Path(path).expanduser()
+    meta = read_config_json(folder)
+    if detect_format(meta, folder) != "ours":
+        return None
+    return meta.get("image_tokenizer")
 
 
 __all__ = [
@@ -327,6 +342,7 @@ __all__ = [
     "load_pretrained",
     "load_weights",
     "save_pretrained",
+    "recorded_image_tokenizer",
     "weight_files",
     "detect_format",
     "config_from_llama",

@@ -305,11 +305,12 @@ class LibraForCausalLM(nn.Module):
 
         return load_pretrained(path, device=device, dtype=dtype, trust_pickle=trust_pickle, **config_overrides)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json + model.safetensors (atomically)."""
+    def save_pretrained(self, path: str | Path, *, image_tokenizer: dict | None = None) -> Path:
+        """Write config.json + model.safetensors (atomically); `image_tokenizer` records the
+        identity of the image tokenizer the model was trained with (see checkpoint.save_pretrained)."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, path)
+        return save_pretrained(self, path, image_tokenizer=image_tokenizer)
 
     # ---- parameters ------------------------------------------------------------------------------
     @property

@@ -56,7 +56,7 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
     try:
         model = open_clip.create_model(clip_model, pretrained=source, force_quick_gelu=quick_gelu)
     except Exception as exc:  # network, cache or tag errors: one actionable message
-        raise RuntimeError(
+        raise OSError(
             f"could not load CLIP weights {clip_model!r} pretrained={source!r}: {exc}\n"
             f"Without network access, download the weights once elsewhere and pass the file "
             f"or folder instead of the tag, e.g. open_clip's 'open_clip_pytorch_model.bin' for "

@@ -611,7 +611,7 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         return socket.create_server((host, port), family=family)
     except OSError as exc:
         hint = "choose another port (0 picks a free one)" if port else "check the host address"
-        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from exc
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from exc
 
 
 def url_of(sock: socket.socket) -> str:

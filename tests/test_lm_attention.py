@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from libra_lm import attention
-from libra_lm.attention import bridged_attention, select_backend
+from libra_lm.attention import BackendUnavailableError, bridged_attention, select_backend
 
 
 def pair_loop(q, k, v, k_x, v_x, is_vision, segment_ids=None):
@@ -190,7 +190,7 @@ def test_auto_prefers_cuda_then_flex_then_sdpa(fake_kernels, caplog):
 def test_explicit_backends(fake_kernels):
     q, k, v, k_x, v_x = random_inputs(n=9)
     is_vision = mixed_layout(9, [[(1, 4)], [(3, 3)]])
-    with pytest.raises(RuntimeError, match="'cuda' cannot run these inputs: needs compute capability 8.0"):
+    with pytest.raises(BackendUnavailableError, match="'cuda' cannot run these inputs: needs compute capability 8.0"):
         bridged_attention(q, k, v, k_x, v_x, is_vision, backend="cuda")
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, :2] = False
@@ -207,7 +207,7 @@ def test_missing_kernels_module(monkeypatch):
     monkeypatch.setattr(attention, "_kernels_error", None)
     monkeypatch.setitem(__import__("sys").modules, "libra_lm.kernels", None)  # makes the import fail
     q, k, v, k_x, v_x = random_inputs(n=4)
-    with pytest.raises(RuntimeError, match="'flex' cannot run these inputs: libra_lm.kernels could not be imported"):
+    with pytest.raises(BackendUnavailableError, match="'flex' cannot run these inputs: libra_lm.kernels could not be imported"):
         bridged_attention(q, k, v, k_x, v_x, torch.zeros(2, 4, dtype=torch.bool), backend="flex")
 
 

@@ -333,7 +333,7 @@ def test_serve_config_is_validated():
 def test_busy_port_and_unreachable_server_are_explained():
     with bind("127.0.0.1", 0) as taken:
         port = taken.getsockname()[1]
-        with pytest.raises(RuntimeError, match=rf"cannot listen on 127.0.0.1:{port}: .*choose another port"):
+        with pytest.raises(OSError, match=rf"cannot listen on 127.0.0.1:{port}: .*choose another port"):
             bind("127.0.0.1", port)
     with pytest.raises(ConnectionError, match=rf"cannot reach the libra-tok server at http://127.0.0.1:{port}"):
         TokenizerClient(f"http://127.0.0.1:{port}").health()
