@@ -274,24 +274,12 @@ def frozen_fingerprint(model: torch.nn.Module) -> str:
 def resolve_image_tokenizer(images: ShardImages, path: str | None, device: torch.device):
     """The frozen tokenizer that wrote the shards (checked by its weights digest): `path`, else
     the source the shards record, else the matching preset (random weights made reproducibly)."""
-    from libra_tok.config import PRESETS, TokenizerConfig
-    from libra_tok.pipeline import load_tokenizer, weights_digest
+    from libra_tok.pipeline import load_tokenizer_matching
 
-    recorded = images.tokenizer
-    source = path or recorded.get("source")
-    if source and Path(source).exists():
-        tok = load_tokenizer(source, device=device)
-    else:
-        names = [n for n in PRESETS if TokenizerConfig.from_preset(n, clip_pretrained=None).architecture_hash()
-                 == recorded["architecture_hash"]]
-        if not names:
-            raise FileNotFoundError(
-                f"the shards store no CLIP features and their tokenizer ({source or 'not recorded'}) is not here; "
-                "pass --image-tokenizer PATH, re-encode with --save-features, or train with --input discrete")
-        tok = load_tokenizer(preset=names[0], device=device)
-    if tok.config.architecture_hash() != recorded["architecture_hash"] or weights_digest(tok) != recorded["weights_sha256"]:
-        raise ValueError("the image tokenizer differs from the one that wrote the shards (weights digest); its "
-                         "features would not match the ids. Pass the tokenizer used by `libra-tok encode`")
+    tok = load_tokenizer_matching(
+        images.tokenizer, path, device, what="the shards",
+        hint="pass the tokenizer used by `libra-tok encode` with --image-tokenizer PATH, re-encode with "
+             "--save-features, or train with --input discrete")
     return tok.eval().requires_grad_(False)
 
 

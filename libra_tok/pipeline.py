@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, list_images, read_image
 from .fileio import atomic_path, atomic_save_image, atomic_write_json
-from .config import TokenizerConfig
+from .config import PRESETS, TokenizerConfig
 from .model import ImageTokenizer
 from .metrics import psnr_signed
 from .preprocess import preprocess_image, side_by_side, to_pil
@@ -63,6 +63,29 @@ def weights_digest(tok: ImageTokenizer) -> str:
 def tokenizer_identity(tok: ImageTokenizer, source: str | None) -> dict[str, Any]:
     return {"config": tok.config.to_dict(), "architecture_hash": tok.config.architecture_hash(),
             "weights_sha256": weights_digest(tok), "source": source}
+
+
+def load_tokenizer_matching(identity: dict[str, Any], path: str | Path | None = None,
+                            device: str | torch.device | None = None, *, what: str = "the ids",
+                            hint: str = "pass the tokenizer with --checkpoint PATH") -> ImageTokenizer:
+    """The tokenizer whose identity (`tokenizer_identity`) is `identity`: `path` if given, else
+    the source the identity records, else the preset of that architecture with the reproducible
+    random weights of `load_tokenizer(preset=...)`. Its weights digest must match, so ids and
+    features stay those of `what` (e.g. "the shards"); otherwise a ValueError says so."""
+    source = path or identity.get("source")
+    if source and Path(source).expanduser().exists():
+        tok = load_tokenizer(source, device=device)
+    else:
+        names = [n for n, cfg in PRESETS.items() if cfg.architecture_hash() == identity["architecture_hash"]]
+        if not names:
+            raise FileNotFoundError(f"the image tokenizer of {what} ({source or 'source not recorded'}) is not here; "
+                                    f"{hint}")
+        tok = load_tokenizer(preset=names[0], device=device)
+    if tok.config.architecture_hash() != identity["architecture_hash"] or weights_digest(tok) != identity["weights_sha256"]:
+        where = f" ({path})" if path else (f" ({source})" if source else "")
+        raise ValueError(f"the image tokenizer{where} differs from the one of {what} (weights digest): its ids and "
+                         f"features would not match; {hint}")
+    return tok
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -269,10 +292,8 @@ def decode_shards(shard_dir: str | Path, out_dir: str | Path, tokenizer: ImageTo
     shards = open_shards(shard_dir)
     recorded = shards.manifest["tokenizer"]
     if tokenizer is None:
-        source = recorded.get("source")
-        if not source or not Path(source).exists():
-            raise FileNotFoundError(f"the shards name tokenizer {source!r}, which is not here; pass --checkpoint PATH")
-        tokenizer = load_tokenizer(source)
+        tokenizer = load_tokenizer_matching(recorded, what=f"the shards in {shard_dir}",
+                                            hint="pass the tokenizer that encoded them with --checkpoint PATH")
     if tokenizer.config.architecture_hash() != recorded["architecture_hash"]:
         raise ValueError("this tokenizer's configuration differs from the one that wrote the shards")
     if weights_digest(tokenizer) != recorded["weights_sha256"]:
@@ -369,5 +390,5 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
     return ReconstructResult(rows, sheet, table, failed)
 
 
-__all__ = ["load_tokenizer", "weights_digest", "plan_shards", "encode_images", "EncodeSummary", "decode_shards",
+__all__ = ["load_tokenizer", "load_tokenizer_matching", "tokenizer_identity", "weights_digest", "plan_shards", "encode_images", "EncodeSummary", "decode_shards",
            "reconstruct_images", "ReconstructResult", "error_heatmap"]

@@ -255,7 +255,7 @@ def test_a_different_image_tokenizer_is_refused(tmp_path, shard_dirs, sp):  # no
 
     torch.manual_seed(123)
     ImageTokenizer("tiny").save_pretrained(tmp_path / "other")
-    with pytest.raises(ValueError, match="differs from the one that wrote the shards"):
+    with pytest.raises(ValueError, match="differs from the one of the shards"):
         Trainer(config(tmp_path, shard_dirs[1], sp, image_tokenizer=str(tmp_path / "other")), progress=False)
 
 
