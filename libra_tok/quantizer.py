@@ -10,6 +10,8 @@ order and the same persistent `mask` buffer (tests/test_quantizer.py proves it).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +24,7 @@ from .config import TokenizerConfig
 
 
 def _distributed_mean(t: torch.Tensor) -> torch.Tensor:
-    """Differentiable mean over DDP ranks of LFQ's batch-average code probabilities.
-
-    vector-quantize-pytorch (checked up to 1.32) discards the result of the out-of-place
-    `torch.distributed.nn.all_reduce`, so under DDP its entropy term used avg_prob / world
-    size instead of the mean over ranks (and it caches `is_distributed` at its first call).
-    Replacing the module-level helper fixes both; single-process behaviour is unchanged.
-    """
+    """Differentiable mean over DDP ranks of LFQ's batch-average code probabilities."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
     from torch.distributed import nn as dist_nn
@@ -36,7 +32,25 @@ def _distributed_mean(t: torch.Tensor) -> torch.Tensor:
     return dist_nn.all_reduce(t) / dist.get_world_size()
 
 
-_lfq_module.maybe_distributed_mean = _distributed_mean
+@contextlib.contextmanager
+def _correct_entropy_under_ddp() -> Iterator[None]:
+    """While our LFQ runs, replace vector-quantize-pytorch's `maybe_distributed_mean`.
+
+    Upstream bug (vector-quantize-pytorch 1.20 to 1.32, the newest checked): it discards the
+    result of the out-of-place `torch.distributed.nn.all_reduce`, so under DDP the entropy term
+    uses avg_prob / world_size instead of the mean over ranks, and it caches `is_distributed`
+    at its first call. The replacement is installed only for the duration of our quantizer's
+    forward in a multi-process run, so other users of the library in the process are untouched.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    original = _lfq_module.maybe_distributed_mean
+    _lfq_module.maybe_distributed_mean = _distributed_mean
+    try:
+        yield
+    finally:
+        _lfq_module.maybe_distributed_mean = original
 
 
 @dataclass
@@ -86,7 +100,8 @@ class Quantizer(nn.Module):
         with torch.autocast(device_type=features.device.type, enabled=False):
             h = self.quant_conv(self._to_grid(features.float()))
             tokens = h.flatten(2).transpose(1, 2)  # (B, G*G, embed_dim), row-major
-            quantized, ids, aux_loss = self.lfq(tokens, inv_temperature=self.inv_temperature)
+            with _correct_entropy_under_ddp():
+                quantized, ids, aux_loss = self.lfq(tokens, inv_temperature=self.inv_temperature)
             z = self.post_quant_conv(self._to_grid(quantized))
         return QuantizerOutput(z=z, ids=ids.long(), aux_loss=aux_loss)
 

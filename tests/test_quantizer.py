@@ -99,3 +99,25 @@ def test_training_mode_gives_aux_loss_and_gradients(quantizer):
 def test_bad_ids_are_rejected(quantizer, bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         quantizer.ids_to_codes(bad)
+
+
+def test_ddp_entropy_fix_is_scoped_to_our_quantizer(monkeypatch):
+    """The upstream LFQ helper is replaced only while our quantizer runs in a multi-process
+    group; importing libra_tok leaves the library as it is for everyone else."""
+    import vector_quantize_pytorch.lookup_free_quantization as lfq_module
+
+    from libra_tok import quantizer as q
+
+    original = lfq_module.maybe_distributed_mean
+    assert original is not q._distributed_mean
+    with q._correct_entropy_under_ddp():  # one process: nothing to correct
+        assert lfq_module.maybe_distributed_mean is original
+    monkeypatch.setattr(q.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(q.dist, "get_world_size", lambda: 2)
+    seen = []
+    model = Quantizer(TokenizerConfig.from_preset("tiny"), feature_dim=48).train()
+    monkeypatch.setattr(model.lfq, "forward", lambda *a, **k: seen.append(lfq_module.maybe_distributed_mean)
+                        or (torch.zeros(1, 64, 64), torch.zeros(1, 64, 2, dtype=torch.long), torch.zeros(())))
+    model(torch.randn(1, 64, 48))
+    assert seen == [q._distributed_mean]
+    assert lfq_module.maybe_distributed_mean is original
