@@ -3,7 +3,9 @@
 Official (reference 3.2, 4): `expand2square` with the CLIP mean colour (122, 116, 104) as
 background, then CLIPImageProcessor (bicubic resize to 336, centre crop, CLIP mean/std).
 After the square padding the centre crop is a no-op, so pad -> bicubic resize -> normalise
-is exact. "crop" mode takes the centre square instead of padding.
+is exact. "crop" mode takes the centre square instead of padding. The square is resized in
+bands, never held whole (same bytes); a thin strip whose padded square would be far larger
+than the image is first shrunk (see MAX_SQUARE_SIDE), so time and memory stay bounded.
 """
 
 from __future__ import annotations
@@ -25,18 +27,22 @@ def mean_colour(mean: Sequence[float] = CLIP_MEAN) -> tuple[int, int, int]:
 
 
 def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit greyscale modes to 8-bit 'L' by scaling, not clipping (PIL clips)."""
+    """16-bit and 32-bit greyscale modes to 8-bit 'L' by a fixed function of the mode, never of
+    the image's content, so one sample value gives the same grey in every image:
+    'I;16*' -> round(v / 257); 'I' -> the same 16-bit range (0..65535, clipped);
+    'F' -> the range [0, 1] (clipped, NaN -> 0) -> round(255 v)."""
     arr = np.asarray(image)
-    if image.mode == "F":
-        arr = arr.astype(np.float64)
-        top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
-        arr = np.clip(np.nan_to_num(arr) / top * 255.0, 0, 255)
-    else:  # I;16*, I: integer samples; treat anything above 255 as a 16-bit range
-        arr = arr.astype(np.float64)
-        if arr.size and arr.max() > 255:
-            arr = arr / 65535.0 * 255.0
-        arr = np.clip(arr, 0, 255)
-    return Image.fromarray(np.rint(arr).astype(np.uint8))
+    out = np.empty(arr.shape, dtype=np.uint8)
+    # In bands of rows: the float64 temporaries stay small whatever the image size.
+    step = max(1, (1 << 20) // max(1, arr.shape[1]))
+    for top in range(0, arr.shape[0], step):
+        block = arr[top: top + step]
+        if image.mode == "F":
+            unit = np.clip(np.nan_to_num(block.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+            out[top: top + step] = np.floor(unit * 255.0 + 0.5)
+        else:  # no ties: v / 257 is never k + 1/2 for an integer v
+            out[top: top + step] = np.rint(np.clip(block.astype(np.float64), 0, 65535) / 257.0)
+    return Image.fromarray(out, "L")
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = mean_colour()) -> Image.Image:
@@ -79,11 +85,95 @@ def center_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file fully (so the file handle is released) and convert it to RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(image)
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Read an image file and convert it to RGB, with the bounds of `libra_tok.data.read_image`
+    (a FIFO or device is refused, not opened; oversized files and images are refused).
+    A missing file is a FileNotFoundError, any other unusable file a ValueError naming it."""
+    from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        return read_image(ImageRecord(str(path)), max_pixels or DEFAULT_MAX_PIXELS)
+    except ImageReadError as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+# Preprocessing pads (or crops) to a square and resizes that square to the model resolution.
+# The square is never allocated whole (`_resize_square`; same bytes), but padding still costs
+# time in proportion to the square's area, and a 200-byte 100000x1 PNG pads to 10^10 pixels.
+# So an image whose padded square has a side above MAX_SQUARE_SIDE and more than MAX_PAD_RATIO
+# times the image's own area (a thin strip) is first shrunk (bicubic, aspect kept, each side
+# >= 1) until the side is MAX_SQUARE_SIDE: a small deviation from the official result, only
+# for such images; every other image is preprocessed exactly as the official code does, with
+# time in proportion to max(its area, MAX_SQUARE_SIDE^2). A centre crop lies inside the image
+# and needs no such bound.
+MAX_SQUARE_SIDE = 8192
+MAX_PAD_RATIO = 4
+# Pixels per band of the square resized at once (about 16 MB as Pillow RGB); squares up to this
+# area are simply built and resized whole, as the official code does.
+_BAND_PIXELS = 1 << 22
+
+
+def _resize_square(side: int, resolution: int, rows_of) -> Image.Image:
+    """Pillow's bicubic resize of a `side` x `side` RGB square to `resolution`^2, the square given
+    by `rows_of(top, count)` -> its rows top..top+count-1 as an image. Pillow resizes in two
+    passes, each row on its own horizontally into an 8-bit image, then that image vertically
+    (Resample.c); resizing bands of rows horizontally and the stacked bands vertically is
+    therefore byte-for-byte the resize of the whole square, with a band in memory at a time."""
+    temp = Image.new("RGB", (resolution, side))
+    step = max(1, _BAND_PIXELS // side)
+    for top in range(0, side, step):
+        count = min(step, side - top)
+        temp.paste(rows_of(top, count).resize((resolution, count), Image.Resampling.BICUBIC), (0, top))
+    return temp.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def _pad_and_resize(rgb: Image.Image, resolution: int, background: tuple[int, int, int]) -> Image.Image:
+    """`expand2square` then a bicubic resize to `resolution`, without building the square."""
+    width, height = rgb.size
+    side = max(width, height)
+    if side * side <= _BAND_PIXELS or side == resolution:
+        square = expand2square(rgb, background)
+        return square if side == resolution else square.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    left, top = (side - width) // 2, (side - height) // 2
+    if width >= height:
+        # Whole rows of padding above and below: one padding row resized stands for all of them.
+        pad_row = Image.new("RGB", (side, 1), background).resize((resolution, 1), Image.Resampling.BICUBIC)
+        temp = pad_row.resize((resolution, side), Image.Resampling.NEAREST)  # that row, repeated
+        temp.paste(rgb.resize((resolution, height), Image.Resampling.BICUBIC), (0, top))
+        return temp.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+    def rows_of(first: int, count: int) -> Image.Image:
+        band = Image.new("RGB", (side, count), background)
+        band.paste(rgb.crop((0, first, width, first + count)), (left, 0))
+        return band
+
+    return _resize_square(side, resolution, rows_of)
+
+
+def _crop_and_resize(rgb: Image.Image, resolution: int) -> Image.Image:
+    """`center_square` then a bicubic resize to `resolution`, without copying the square."""
+    width, height = rgb.size
+    side = min(width, height)
+    if side * side <= _BAND_PIXELS or side == resolution:
+        square = center_square(rgb)
+        return square if side == resolution else square.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    left, top = (width - side) // 2, (height - side) // 2
+    return _resize_square(side, resolution,
+                          lambda first, count: rgb.crop((left, top + first, left + side, top + first + count)))
+
+
+def _shrink_thin(rgb: Image.Image) -> Image.Image:
+    """A thin strip whose padded square is too large shrunk so that the square's side is
+    MAX_SQUARE_SIDE (bicubic, aspect kept, each side >= 1); any other image as it is."""
+    width, height = rgb.size
+    side = max(width, height)
+    if side <= MAX_SQUARE_SIDE or side * side <= MAX_PAD_RATIO * width * height:
+        return rgb
+    scale = MAX_SQUARE_SIDE / side
+    return rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
 
 
 def preprocess_image(
@@ -93,16 +183,15 @@ def preprocess_image(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> torch.Tensor:
-    """One image -> (3, R, R) float32, CLIP-normalised."""
+    """One image -> (3, R, R) float32, CLIP-normalised. Memory beyond the decoded image stays
+    small and time in proportion to the image's area, whatever its shape (see MAX_SQUARE_SIDE)."""
     rgb = to_rgb(image, mean_colour(mean))
     if pad_mode == "pad":
-        square = expand2square(rgb, mean_colour(mean))
+        square = _pad_and_resize(_shrink_thin(rgb), resolution, mean_colour(mean))
     elif pad_mode == "crop":
-        square = center_square(rgb)
+        square = _crop_and_resize(rgb, resolution)
     else:
         raise ValueError(f"pad_mode must be 'pad' or 'crop', got {pad_mode!r}")
-    if square.size != (resolution, resolution):
-        square = square.resize((resolution, resolution), Image.Resampling.BICUBIC)
     # Scale and transpose in numpy: one contiguous (3, R, R) array, no strided torch op.
     pixels = torch.from_numpy(np.ascontiguousarray((np.asarray(square, dtype=np.float32) / 255.0).transpose(2, 0, 1)))
     return normalize(pixels, mean, std)
@@ -169,6 +258,8 @@ def side_by_side(rows: Sequence[Sequence[Any]], pad: int = 4, background=(255, 2
 
 
 __all__ = [
+    "MAX_SQUARE_SIDE",
+    "MAX_PAD_RATIO",
     "side_by_side",
     "to_rgb",
     "expand2square",

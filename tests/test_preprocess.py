@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from libra_tok.config import CLIP_MEAN, CLIP_STD
-from libra_tok.preprocess import (clip_to_unit, expand2square, mean_colour, preprocess_image, preprocess_images,
-                                  to_pil, to_rgb)
+from libra_tok.preprocess import (clip_to_unit, expand2square, mean_colour, normalize, preprocess_image,
+                                  preprocess_images, to_pil, to_rgb)
 
 MEAN_RGB = (122, 116, 104)
 
@@ -132,3 +132,134 @@ def test_to_pil_round_trip():
     arr = np.asarray(to_pil(x))
     assert arr.shape == (4, 4, 3) and arr.dtype == np.uint8
     assert arr[0, 0, 0] == 0 and arr[3, 3, 2] == 255
+
+
+def test_high_bit_depth_is_a_fixed_function_of_the_mode():
+    """One sample value gives the same grey in every image, whatever the image's other values."""
+    def grey(array):
+        return to_rgb(Image.fromarray(array)).getpixel((0, 0))[0]
+
+    for low_max, high_max in (([200, 100], [200, 65535]), ([1000, 2000], [1000, 60000])):
+        assert grey(np.array([low_max], dtype=np.uint16)) == grey(np.array([high_max], dtype=np.uint16))
+    assert grey(np.array([[200, 100]], dtype=np.uint16)) == 1  # round(200 / 257)
+    assert grey(np.array([[65535]], dtype=np.uint16)) == 255 and grey(np.array([[385]], dtype=np.uint16)) == 1
+    # "I": the same 16-bit range, clipped.
+    assert grey(np.array([[200, 10]], dtype=np.int32)) == grey(np.array([[200, 60000]], dtype=np.int32)) == 1
+    assert grey(np.array([[-5]], dtype=np.int32)) == 0 and grey(np.array([[70000]], dtype=np.int32)) == 255
+    # "F": [0, 1], clipped; NaN is black.
+    assert grey(np.array([[0.5, 0.2]], dtype=np.float32)) == grey(np.array([[0.5, 3.0]], dtype=np.float32)) == 128
+    assert [grey(np.array([[v]], dtype=np.float32)) for v in (-1.0, 2.0, np.nan, np.inf, 0.25)] == [0, 255, 0, 255, 64]
+
+
+# Sizes that take every path: small squares (built whole), wide and tall ones resized in bands,
+# upscaling, and a side equal to the resolution.
+SIZES = [(640, 480), (480, 640), (3000, 40), (40, 3000), (2100, 1), (1, 2100), (700, 3), (3, 700), (10, 20),
+         (336, 100), (100, 336), (2500, 2499)]
+
+
+def plain_pad_or_crop(rgb, resolution, pad_mode):
+    """The official path: the whole square, then one Pillow resize."""
+    from libra_tok.preprocess import center_square
+
+    square = expand2square(rgb) if pad_mode == "pad" else center_square(rgb)
+    return square if square.size == (resolution, resolution) else \
+        square.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def pixels_of(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("pad_mode", ["pad", "crop"])
+def test_banded_resize_is_bit_identical_to_the_whole_square(pad_mode, monkeypatch):
+    import libra_tok.preprocess as pre
+
+    rng = np.random.default_rng(0)
+    for band in (pre._BAND_PIXELS, 1000, 64):  # small bands: many bands even for small images
+        monkeypatch.setattr(pre, "_BAND_PIXELS", band)
+        for width, height in SIZES:
+            rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+            for resolution in (112, 336):
+                expected = normalize(pixels_of(plain_pad_or_crop(rgb, resolution, pad_mode)))
+                got = preprocess_image(rgb, resolution, pad_mode)
+                assert torch.equal(got, expected), (band, width, height, resolution)
+
+
+def test_thin_strips_beyond_max_square_side_are_shrunk_first(monkeypatch):
+    import libra_tok.preprocess as pre
+
+    monkeypatch.setattr(pre, "MAX_SQUARE_SIDE", 500)
+    rng = np.random.default_rng(1)
+    noise = rng.integers(0, 256, (6, 20, 3), dtype=np.uint8)
+    strip = Image.fromarray(noise).resize((1500, 300), Image.Resampling.BILINEAR)  # square: 5x its area
+    got = preprocess_image(strip, 112)
+    shrunk = strip.resize((500, 100), Image.Resampling.BICUBIC)
+    assert torch.equal(got, normalize(pixels_of(plain_pad_or_crop(shrunk, 112, "pad"))))
+    official = normalize(pixels_of(plain_pad_or_crop(strip, 112, "pad")))
+    assert 0 < (clip_to_unit(got) - clip_to_unit(official)).abs().max() < 0.05  # a small deviation
+    tall = strip.transpose(Image.Transpose.ROTATE_90)
+    assert torch.equal(preprocess_image(tall, 112), normalize(pixels_of(
+        plain_pad_or_crop(tall.resize((100, 500), Image.Resampling.BICUBIC), 112, "pad"))))
+    # Exact: a square of at most MAX_PAD_RATIO times the image's area, and every centre crop.
+    wider = Image.fromarray(noise).resize((1500, 400), Image.Resampling.BILINEAR)
+    for image, pad_mode in ((wider, "pad"), (wider.transpose(Image.Transpose.ROTATE_90), "pad"), (strip, "crop"),
+                            (tall, "crop")):
+        expected = normalize(pixels_of(plain_pad_or_crop(image, 112, pad_mode)))
+        assert torch.equal(preprocess_image(image, 112, pad_mode), expected)
+
+
+PEAK_SCRIPT = """
+import io, resource, sys, time
+import torch, libra_tok
+from libra_tok.data import decode_image_bytes
+from libra_tok.preprocess import preprocess_image
+from PIL import Image
+
+width, height = int(sys.argv[1]), int(sys.argv[2])
+buf = io.BytesIO()
+Image.new("RGB", (width, height), (255, 0, 0)).save(buf, format="PNG")
+data = buf.getvalue()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+for pad_mode in ("pad", "crop"):
+    x = preprocess_image(decode_image_bytes(data), 336, pad_mode)
+    assert x.shape == (3, 336, 336)
+print(len(data), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, time.perf_counter() - started)
+"""
+
+
+@pytest.mark.parametrize("size", [(30000, 1), (100000, 1), (1, 100000)])
+def test_thin_images_preprocess_in_bounded_memory_and_time(size):
+    """A few hundred bytes of PNG whose square would be 0.9 to 30 GB: the peak RSS grows by under
+    150 MB over the RSS after importing torch and the package, and it takes seconds."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, size)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    png_bytes, peak_mb, seconds = map(float, result.stdout.split())
+    assert png_bytes < 1000 and peak_mb < 150 and seconds < 20, result.stdout
+
+
+def test_image_paths_are_read_with_bounds(tmp_path):
+    """Paths given to preprocess: a FIFO or a device is refused at once, not read; errors name the file."""
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "text.png").write_text("not a png")
+    script = ("import os, resource, sys\nfrom libra_tok.preprocess import preprocess_images\n"
+              "vm = int(open('/proc/self/statm').read().split()[0]) * os.sysconf('SC_PAGE_SIZE')\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+              "for p in sys.argv[1:]:\n"
+              "    try:\n        preprocess_images([p], 32)\n    except ValueError as err:\n        print(err)\n")
+    paths = [str(tmp_path / "pipe.png"), "/dev/zero", str(tmp_path / "text.png")]
+    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"cannot read image {paths[0]}: not a regular file",
+                                          "cannot read image /dev/zero: not a regular file",
+                                          f"cannot read image {paths[2]}: not an image"]
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        preprocess_images([tmp_path / "missing.png"], 32)
