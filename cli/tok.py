@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -48,6 +49,9 @@ def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, see
     click.echo(f"PSNR {m['psnr_mean']:.2f} dB mean over {len(m['psnr_per_image'])} images{held}; "
                f"{m['steps']} steps in {m['train_seconds']:.0f} s")
     click.echo(f"grid: {result.grid}   metrics: {out_dir / 'metrics.json'}   tokenizer: {m['tokenizer']}")
+    if m["skipped_inputs"]:
+        click.echo(f"{len(m['skipped_inputs'])} input(s) unreadable or skipped ({_count_reasons(m['skipped_inputs'])}): "
+                   f"listed in {out_dir / 'metrics.json'}")
 
 
 @main.command("train")
@@ -76,6 +80,10 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
         click.echo(f"skipped {len(result.skipped_images)} unreadable image(s): see {result.out_dir / 'skipped_images.json'}")
 
 
+_trust_pickle = click.option("--trust-pickle", is_flag=True, help="Allow Python objects besides tensors in the pickle "
+                             "(unpickling can run code: only for files you trust).")
+
+
 @main.command("convert-official")
 @click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -83,8 +91,7 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
               "vision_tokenizer_config.yaml beside the checkpoint, else libra-l336).")
 @click.option("--clip", "clip_model", default=None, help="open_clip model name of the CLIP tower, if the yaml "
               "names a CLIP that has no known open_clip equivalent.")
-@click.option("--trust-pickle", is_flag=True, help="Allow Python objects besides tensors in the pickle "
-              "(unpickling can run code: only for files you trust).")
+@_trust_pickle
 @fail_on_errors
 def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: str | None, trust_pickle: bool) -> None:
     """Convert the official Libra tokenizer (CKPT: vqgan.ckpt or its folder) to OUT_DIR.
@@ -103,6 +110,7 @@ def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: 
 
 
 def _tokenizer_options(fn):
+    fn = _trust_pickle(fn)
     fn = click.option("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available).")(fn)
     fn = click.option("--preset", default=None, help="Use a preset with fresh weights instead of a checkpoint "
                       "(tests and smoke runs only: the ids mean nothing).")(fn)
@@ -123,18 +131,23 @@ _precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf1
 @_tokenizer_options
 @click.option("--save-features", is_flag=True, help="Also store the CLIP features (float16, tokens x feature_dim "
               "per image: 4.7 MB per image for libra-l336) for LM training without recomputing them.")
-@click.option("--batch-size", default=32, show_default=True, help="Images per forward pass.")
-@click.option("--shard-size", default=1000, show_default=True, help="Inputs per shard (a shard is written all-or-nothing).")
-@click.option("--num-shards", type=int, default=None, help="Split the inputs into this many shards instead of --shard-size.")
-@click.option("--rank", type=int, default=None, help="This process's rank (default: $RANK from torchrun, else 0); "
-              "rank r writes shards r, r+w, r+2w, ...")
-@click.option("--world-size", type=int, default=None, help="Number of processes or machines (default: $WORLD_SIZE, else 1).")
-@click.option("--num-workers", default=4, show_default=True, help="Image-decoding worker processes.")
-@click.option("--max-pixels", default=1 << 28, show_default=True, help="Refuse larger images (decompression bombs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Inputs per shard (a shard is written all-or-nothing).")
+@click.option("--num-shards", type=click.IntRange(min=1), default=None,
+              help="Split the inputs into this many shards instead of --shard-size.")
+@click.option("--rank", type=click.IntRange(min=0), default=None, help="This process's rank (default: $RANK from "
+              "torchrun, else 0); rank r writes shards r, r+w, r+2w, ...")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Number of processes or machines (default: $WORLD_SIZE, else 1).")
+@click.option("--num-workers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Image-decoding worker processes (0: in the main process).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=1 << 28, show_default=True,
+              help="Refuse larger images (decompression bombs).")
 @_precision
 @fail_on_errors
-def encode(inputs, out_dir, checkpoint, preset, device, save_features, batch_size, shard_size, num_shards, rank,
-           world_size, num_workers, max_pixels, precision) -> None:
+def encode(inputs, out_dir, checkpoint, preset, device, trust_pickle, save_features, batch_size, shard_size, num_shards,
+           rank, world_size, num_workers, max_pixels, precision) -> None:
     """Encode INPUTS (image folders searched recursively, file lists .txt/.lst, webdataset-style
     .tar shards, or images) into id shards for LM training.
 
@@ -142,9 +155,10 @@ def encode(inputs, out_dir, checkpoint, preset, device, save_features, batch_siz
     .txt/.json members of a tar. Unreadable inputs are listed in the shard manifests with the
     reason and counted in the summary; they never stop the run.
     """
-    from libra_tok.pipeline import encode_images, load_tokenizer
+    from libra_tok.pipeline import check_output_folder, encode_images, load_tokenizer
 
-    tok = load_tokenizer(checkpoint, preset, device)
+    check_output_folder(out_dir)  # before the tokenizer is loaded
+    tok = load_tokenizer(checkpoint, preset, device, trust_pickle=trust_pickle)
     summary = encode_images(inputs, out_dir, tok, tokenizer_source=str(checkpoint.resolve()) if checkpoint else None,
                             batch_size=batch_size, shard_size=shard_size, num_shards=num_shards,
                             save_features=save_features, rank=rank, world_size=world_size, num_workers=num_workers,
@@ -153,62 +167,88 @@ def encode(inputs, out_dir, checkpoint, preset, device, save_features, batch_siz
                f"{len(summary.shards_already_done)} already complete, {summary.shards_total} in all; "
                f"{summary.images_per_s:.1f} images/s)")
     if summary.failed:
-        reasons: dict[str, int] = {}
-        for f in summary.failed:
-            key = f["reason"].split(":")[0]
-            reasons[key] = reasons.get(key, 0) + 1
         click.echo(f"{len(summary.failed)} unreadable input(s), listed in the shard manifests: "
-                   + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+                   + _count_reasons(summary.failed))
+    if summary.skipped:
+        from libra_tok.shards import SKIPPED_FILE
+
+        click.echo(f"{len(summary.skipped)} input(s) skipped while listing, listed in {out_dir / SKIPPED_FILE}: "
+                   + _count_reasons(summary.skipped))
+
+
+def _count_reasons(rows: list[dict]) -> str:
+    """'2 duplicate, 1 truncated tar': reasons without their details (file names, sizes, offsets)."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = re.split(r"[:(]", row["reason"], maxsplit=1)[0].strip()
+        key = "duplicate" if key.startswith("duplicate of") else key
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+
+
+def _parse_indices(ctx, param, text: str | None) -> list[range] | None:
+    """'0,5,10-19' -> [range(0, 1), range(5, 6), range(10, 20)]: ranges, so that a huge range
+    costs nothing before it is checked against the number of samples."""
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([0-9]{1,18})\s*(?:-\s*([0-9]{1,18})\s*)?", part)
+        if not match:
+            raise click.BadParameter(f"{part.strip()!r} is not a sample number or range; expected numbers >= 0 "
+                                     f"like '0,5,10-19', got {text!r}")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise click.BadParameter(f"the range {part.strip()!r} runs backwards; write {last}-{first}")
+        out.append(range(first, last + 1))
+    return out
 
 
 @main.command("decode")
 @click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="PNG folder.")
-@click.option("--indices", default=None, help="Samples to decode, e.g. '0,5,10-19' (default: all).")
+@click.option("--indices", default=None, callback=_parse_indices,
+              help="Samples to decode, numbered from 0, e.g. '0,5,10-19' (default: all).")
 @_tokenizer_options
-@click.option("--batch-size", default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per decoder pass.")
 @_precision
 @fail_on_errors
-def decode(shard_dir, out_dir, indices, checkpoint, preset, device, batch_size, precision) -> None:
+def decode(shard_dir, out_dir, indices, checkpoint, preset, device, trust_pickle, batch_size, precision) -> None:
     """Decode the ids in SHARD_DIR back to PNG images (default tokenizer: the one the shards name)."""
-    from libra_tok.pipeline import decode_shards, load_tokenizer
+    from libra_tok.pipeline import check_output_folder, decode_shards, load_tokenizer
+    from libra_tok.shards import open_shards
 
-    tok = load_tokenizer(checkpoint, preset, device) if (checkpoint or preset) else None
-    written = decode_shards(shard_dir, out_dir, tok, _parse_indices(indices), batch_size, precision)
+    check_output_folder(out_dir)
+    n = len(open_shards(shard_dir))
+    if indices is not None:  # checked before the tokenizer is loaded
+        beyond = [r for r in indices if r[-1] >= n]
+        if beyond:
+            raise ValueError(f"--indices {beyond[0][-1]} is out of range: {shard_dir} holds {n} samples, "
+                             f"numbered 0-{n - 1}")
+        indices = [i for r in indices for i in r]
+    tok = load_tokenizer(checkpoint, preset, device, trust_pickle=trust_pickle) if (checkpoint or preset) else None
+    written = decode_shards(shard_dir, out_dir, tok, indices, batch_size, precision, trust_pickle=trust_pickle)
     click.echo(f"wrote {len(written)} images to {out_dir}")
-
-
-def _parse_indices(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (part, part)
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-        except ValueError:
-            raise click.BadParameter(f"expected indices like '0,5,10-19', got {text!r}", param_hint="--indices")
-    return out
 
 
 @main.command("reconstruct")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @_tokenizer_options
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--num-workers", default=2, show_default=True, help="Image-decoding worker processes.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
+@click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes (0: in the main process).")
 @_precision
 @fail_on_errors
-def reconstruct(inputs, out_dir, checkpoint, preset, device, batch_size, num_workers, precision) -> None:
+def reconstruct(inputs, out_dir, checkpoint, preset, device, trust_pickle, batch_size, num_workers, precision) -> None:
     """Show what the tokenizer keeps: per image a PNG of original | reconstruction | error
-    heatmap, a contact sheet of all, and psnr.csv (PSNR on [0,1] at the tokenizer resolution)."""
-    from libra_tok.pipeline import load_tokenizer, reconstruct_images
+    heatmap, a contact sheet of all, and psnr.csv (PSNR on [0,1] at the tokenizer resolution).
+    An --out that is an input folder, or outputs that would replace an input, are refused."""
+    from libra_tok.pipeline import check_output_folder, load_tokenizer, reconstruct_images
 
-    tok = load_tokenizer(checkpoint, preset, device)
+    check_output_folder(out_dir)
+    tok = load_tokenizer(checkpoint, preset, device, trust_pickle=trust_pickle)
     result = reconstruct_images(inputs, out_dir, tok, batch_size, precision, num_workers)
     width = max([len(Path(r["name"]).name) for r in result.rows] + [5])
     for row in result.rows:
@@ -216,33 +256,38 @@ def reconstruct(inputs, out_dir, checkpoint, preset, device, batch_size, num_wor
     click.echo(f"{'mean':<{width}}  {result.mean_psnr:7.2f} dB over {len(result.rows)} images; "
                f"contact sheet: {result.contact_sheet}")
     if result.failed:
-        click.echo(f"{len(result.failed)} unreadable input(s): see {out_dir / 'failed.json'}")
+        click.echo(f"{len(result.failed)} input(s) unreadable or skipped ({_count_reasons(result.failed)}): "
+                   f"see {out_dir / 'failed.json'}")
 
 
 @main.command("verify")
 @click.argument("shard_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @fail_on_errors
 def verify(shard_dir) -> None:
-    """Check every shard file against the size and sha256 in its manifest (exit status 1 if any differ)."""
-    from libra_tok.shards import open_shards
+    """Check a shard folder: no planned shard missing, every file a manifest declares listed,
+    present and matching its size and sha256, and each shard's sample count agreeing with its
+    shapes, file sizes, metadata lines and input slice (exit status 1, one line per problem)."""
+    from libra_tok.shards import open_shards, verify_shards
 
-    shards = open_shards(shard_dir)
-    problems = shards.verify()
+    problems = verify_shards(shard_dir)
     for p in problems:
         click.echo(p, err=True)
     if problems:
         raise click.ClickException(f"{len(problems)} problem(s) in {shard_dir}")
-    click.echo(f"{len(shards.shards)} shards, {len(shards)} samples: all files match their sha256")
+    shards = open_shards(shard_dir)
+    click.echo(f"{len(shards.shards)} shards, {len(shards)} samples: the set is complete and all files match "
+               "their sha256")
 
 
 @main.command("info")
 @click.argument("tokenizer", type=click.Path(exists=True, path_type=Path))
+@_trust_pickle
 @fail_on_errors
-def info(tokenizer: Path) -> None:
+def info(tokenizer: Path, trust_pickle: bool) -> None:
     """Print a tokenizer's configuration and parameter counts."""
     from libra_tok import ImageTokenizer
 
-    tok = ImageTokenizer.from_pretrained(tokenizer)
+    tok = ImageTokenizer.from_pretrained(tokenizer, trust_pickle=trust_pickle)
     cfg = tok.config
     click.echo(f"tokenizer      {tokenizer}")
     click.echo(f"clip           {cfg.clip_model}, feature layers {list(cfg.feature_layers)} -> {cfg.feature_dim} channels")

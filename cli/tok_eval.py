@@ -70,15 +70,20 @@ def eval_command(inputs: tuple[Path, ...], checkpoint: Path | None, resolution: 
     code usage and perplexity per sub-codebook and bits per pixel. Originals are made square
     (--pad-mode) and resized with bicubic; the tokenizer's reconstructions are rounded to 8 bits
     as a PNG holds them. Two folders are paired by relative path without the extension
-    (cat.jpg <-> cat.png). Unreadable images are listed, never fatal.
+    (cat.jpg <-> cat.png). Unreadable images, and inputs skipped while listing (damaged tars,
+    symlink loops, duplicates), are counted and listed, never fatal.
     """
     from libra_tok.evaluate import EvalOptions, MetricModels, evaluate_folders, evaluate_tokenizer
+    from libra_tok.pipeline import check_output_file
 
     if checkpoint is None and (len(inputs) != 2 or not all(p.is_dir() for p in inputs)):
         raise click.UsageError(
             f"without --checkpoint, INPUTS must be two folders, ORIGINALS RECONSTRUCTIONS (got {len(inputs)} "
             f"input(s): {', '.join(str(p) for p in inputs)}); to evaluate a tokenizer pass --checkpoint TOKENIZER"
         )
+    for path, option in ((json_path, "--json"), (csv_path, "--csv")):
+        if path is not None:  # before any work: a report that cannot be written would lose it all
+            check_output_file(path, option)
     options = EvalOptions(resolution=resolution, also=also, pad_mode=pad_mode, batch_size=batch_size,
                           max_images=max_images, num_workers=num_workers, precision=precision, device=device,
                           progress=not quiet)
@@ -102,7 +107,7 @@ def eval_command(inputs: tuple[Path, ...], checkpoint: Path | None, resolution: 
         click.echo(f"wrote {csv_path}")
     if result.summary["num_failed"]:
         first = result.summary["failed"][0]
-        click.echo(f"{result.summary['num_failed']} image(s) unreadable, e.g. {first['name']}: {first['reason']}"
+        click.echo(f"{result.summary['num_failed']} image(s) unreadable or skipped, e.g. {first['name']}: {first['reason']}"
                    + (" (all listed in the JSON)" if json_path else " (--json lists them all)"), err=True)
 
 

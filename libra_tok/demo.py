@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .data import list_images, read_image
+from .data import ImageReadError, read_image, scan_inputs
 from .fileio import atomic_save_image, atomic_write_json
 from .model import ImageTokenizer
 from .preprocess import to_pil
@@ -82,10 +82,19 @@ def run_demo(out_dir: str | Path = "demo-output", images: str | Path | None = No
     train_seconds = time.perf_counter() - started
 
     tok = ImageTokenizer.from_pretrained(result.final_tokenizer).eval()
-    records = list_images([images])
+    scan = scan_inputs([images])
+    held_out = {r.name for r in split_holdout(scan.records, demo_cfg.holdout)[1]}  # as train() split them
     from tqdm.auto import tqdm
 
-    pil = [read_image(r) for r in tqdm(records, desc="read", disable=not progress)]
+    records, pil, skipped = [], [], list(scan.skipped)
+    for record in tqdm(scan.records, desc="read", disable=not progress):
+        try:
+            pil.append(read_image(record))
+            records.append(record)
+        except ImageReadError as err:  # listed with the reason, like every other command
+            skipped.append({"source": record.name, "reason": str(err)})
+    if not pil:
+        raise ValueError(f"no readable image in {images}" + (f" ({len(skipped)} skipped)" if skipped else ""))
     pixels = tok.preprocess(pil)
     recon = []
     for start in tqdm(range(0, len(pil), 8), desc="encode+decode", disable=not progress):
@@ -93,7 +102,7 @@ def run_demo(out_dir: str | Path = "demo-output", images: str | Path | None = No
     recon = torch.cat(recon)
     target = tok.target(pixels)
     scores = psnr_signed(recon, target)
-    held_out = {r.name for r in split_holdout(records, demo_cfg.holdout)[1]}
+    held_out &= {r.name for r in records}
 
     grid = side_by_side([[to_pil(t), to_pil(r)] for t, r in zip(target, recon)])
     grid_path = out_dir / "reconstructions.png"
@@ -108,6 +117,7 @@ def run_demo(out_dir: str | Path = "demo-output", images: str | Path | None = No
         "train_seconds": round(train_seconds, 1),
         "tokenizer": str(result.final_tokenizer),
         "grid": str(grid_path),
+        "skipped_inputs": skipped,  # unreadable images and inputs left out while listing, with reasons
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
     return DemoResult(out_dir, grid_path, metrics)

@@ -13,7 +13,8 @@ evaluating the two folders gives the tokenizer mode's numbers):
   files not already at the resolution go through the same square + bicubic resize);
 - `also` resolutions: both sides resized from the evaluation resolution with torch bicubic,
   antialias=True (PIL-like), clamped to [0, 1];
-- metrics in `libra_tok.metrics`; unreadable files are counted and listed, never fatal.
+- metrics in `libra_tok.metrics`; unreadable files, and inputs left out while listing (damaged
+  tars, symlink loops, duplicates...), are counted and listed in `failed`, never fatal.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .config import CLIP_MEAN, CLIP_STD
-from .data import EvalImages, ImageRecord, collate_images, list_images
+from .data import EvalImages, ImageRecord, collate_images, scan_inputs
 from .fileio import atomic_path, atomic_write_json
 from .metrics import (
     LPIPS_NETS,
@@ -220,15 +221,21 @@ def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageR
                          f"leave it out (or {resolution}) and add --also {options.resolution} to score resized images too")
     pad_mode = options.pad_mode or cfg.pad_mode
     inputs = list(inputs)
-    records = inputs if inputs and isinstance(inputs[0], ImageRecord) else list_images(inputs)
+    skipped: list[dict] = []
+    if inputs and isinstance(inputs[0], ImageRecord):
+        records = inputs
+    else:
+        scan = scan_inputs(inputs)
+        records, skipped = scan.records, scan.skipped
     records = _limit(records, options.max_images)
     if not records:
-        raise ValueError(f"no images found in {[str(i) for i in inputs]}")
+        raise ValueError(f"no images found in {[str(i) for i in inputs]}" + _skipped_note(skipped))
 
     device = options.torch_device()
     tokenizer = tokenizer.to(device).eval()
     models.to(device)
     acc = _Accumulator(resolution, options.also, models)
+    acc.failed.extend(_skipped_rows(skipped))
     usage = CodeUsage(cfg.num_codebooks, cfg.codebook_size)
     dataset = EvalImages(records, resolution, pad_mode, cfg.image_mean, cfg.image_std)
     for index, pixels, bad in _batches(dataset, options, len(records)):
@@ -259,6 +266,18 @@ def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageR
     return EvalResult(summary, acc.rows)
 
 
+def _skipped_rows(skipped: list[dict], prefix: str = "") -> list[dict]:
+    """Inputs left out while listing as rows of `failed`: {"name", "reason"}."""
+    return [{"name": f"{s['source']}::{s['member']}" if s.get("member") else s["source"],
+             "reason": prefix + s["reason"]} for s in skipped]
+
+
+def _skipped_note(skipped: list[dict]) -> str:
+    if not skipped:
+        return ""
+    return f" ({len(skipped)} input(s) skipped, e.g. {skipped[0]['source']}: {skipped[0]['reason']})"
+
+
 def _pair_key(record: ImageRecord, root: Path) -> str:
     """Relative path without its extension, so cat.jpg pairs with cat.png."""
     if record.member is not None:
@@ -266,17 +285,19 @@ def _pair_key(record: ImageRecord, root: Path) -> str:
     return os.path.splitext(Path(record.source).relative_to(root).as_posix())[0]
 
 
-def _keyed(folder: Path) -> dict[str, ImageRecord]:
+def _keyed(folder: Path) -> tuple[dict[str, ImageRecord], list[dict]]:
+    """The images of `folder` by pairing key, and the inputs left out while listing it."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder (two-folder mode compares ORIGINALS and RECONSTRUCTIONS folders)")
     out: dict[str, ImageRecord] = {}
-    for record in list_images([folder]):
+    scan = scan_inputs([folder])
+    for record in scan.records:
         key = _pair_key(record, folder)
         if key in out:
             raise ValueError(f"{folder} holds two images for {key!r} ({out[key].name} and {record.name}): "
                              "pairs are matched by relative path without the extension")
         out[key] = record
-    return out
+    return out, scan.skipped
 
 
 class PairedImages(Dataset):
@@ -307,7 +328,7 @@ def evaluate_folders(originals: str | Path, reconstructions: str | Path, options
     originals, reconstructions = Path(originals).expanduser(), Path(reconstructions).expanduser()
     resolution = options.resolution or DEFAULT_FOLDER_RESOLUTION
     pad_mode = options.pad_mode or "pad"
-    a, b = _keyed(originals), _keyed(reconstructions)
+    (a, skipped_a), (b, skipped_b) = _keyed(originals), _keyed(reconstructions)
     keys = [k for k in a if k in b]
     if not keys:
         raise ValueError(f"no image in {reconstructions} has a counterpart in {originals} "
@@ -317,6 +338,7 @@ def evaluate_folders(originals: str | Path, reconstructions: str | Path, options
     device = options.torch_device()
     models.to(device)
     acc = _Accumulator(resolution, options.also, models)
+    acc.failed.extend(_skipped_rows(skipped_a, "original: ") + _skipped_rows(skipped_b, "reconstruction: "))
     dataset = PairedImages(pairs, resolution, pad_mode)
     for index, both, bad in _batches(dataset, options, len(pairs)):
         acc.failed.extend({"name": pairs[i][0].name, "reason": reason} for i, reason in bad)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import operator
 import os
 import time
 from collections.abc import Sequence
@@ -22,25 +23,26 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, list_images, read_image
+from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image, scan_inputs
 from .fileio import atomic_path, atomic_save_image, atomic_write_json
 from .config import PRESETS, TokenizerConfig
-from .model import ImageTokenizer
+from .model import PRECISIONS, ImageTokenizer
 from .metrics import psnr_signed
 from .preprocess import preprocess_image, side_by_side, to_pil
-from .shards import ShardWriter, open_shards, read_manifest, remove_stale_temporaries, shard_name
+from .shards import SKIPPED_FILE, ShardWriter, open_shards, read_manifest, remove_stale_temporaries, shard_folders
 
 log = logging.getLogger("libra_tok.pipeline")
 
 
 def load_tokenizer(checkpoint: str | Path | None = None, preset: str | None = None,
-                   device: str | torch.device | None = None) -> ImageTokenizer:
+                   device: str | torch.device | None = None, *, trust_pickle: bool = False) -> ImageTokenizer:
     """A tokenizer from a checkpoint (folder or official vqgan.ckpt), or a preset with random
-    weights, CLIP included (for tests, smoke runs and timing only)."""
+    weights, CLIP included (for tests, smoke runs and timing only). `trust_pickle` allows
+    Python objects in an official pickle (unpickling can run code: only for files you trust)."""
     if checkpoint is None and preset is None:
         raise ValueError("give a tokenizer: --checkpoint PATH (a trained or converted tokenizer) or --preset NAME")
     if checkpoint is not None:
-        tok = ImageTokenizer.from_pretrained(checkpoint)
+        tok = ImageTokenizer.from_pretrained(checkpoint, trust_pickle=trust_pickle)
     else:
         log.warning("preset %r with random weights: ids are not meaningful", preset)
         with torch.random.fork_rng(devices=[]):
@@ -67,14 +69,15 @@ def tokenizer_identity(tok: ImageTokenizer, source: str | None) -> dict[str, Any
 
 def load_tokenizer_matching(identity: dict[str, Any], path: str | Path | None = None,
                             device: str | torch.device | None = None, *, what: str = "the ids",
-                            hint: str = "pass the tokenizer with --checkpoint PATH") -> ImageTokenizer:
+                            hint: str = "pass the tokenizer with --checkpoint PATH",
+                            trust_pickle: bool = False) -> ImageTokenizer:
     """The tokenizer whose identity (`tokenizer_identity`) is `identity`: `path` if given, else
     the source the identity records, else the preset of that architecture with the reproducible
     random weights of `load_tokenizer(preset=...)`. Its weights digest must match, so ids and
     features stay those of `what` (e.g. "the shards"); otherwise a ValueError says so."""
     source = path or identity.get("source")
     if source and Path(source).expanduser().exists():
-        tok = load_tokenizer(source, device=device)
+        tok = load_tokenizer(source, device=device, trust_pickle=trust_pickle)
     else:
         names = [n for n, cfg in PRESETS.items() if cfg.architecture_hash() == identity["architecture_hash"]]
         if not names:
@@ -88,21 +91,68 @@ def load_tokenizer_matching(identity: dict[str, Any], path: str | Path | None = 
     return tok
 
 
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be made: a file stands at its
+    place or at the place of one of its parents."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path} is a file, not a folder; choose another {option}")
+    _check_parents(path, option)
+    return path
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Refuse, before any work, an output file path that is a folder or lies under a file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file name")
+    _check_parents(path, option)
+    return path
+
+
+def _check_parents(path: Path, option: str) -> None:
+    for parent in path.parents:  # nearest first: the first one that exists decides
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{option} {path} lies under {parent}, which is a file, not a folder; "
+                                         f"choose another {option}")
+            return
+
+
+def _positive(value: Any, name: str, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def _effective_precision(precision: str, device: torch.device) -> str:
+    """What "auto" means on `device` (as libra_tok.model.autocast_for decides)."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside world size {world}")
     return rank, world
 
 
 def plan_shards(n: int, shard_size: int | None = None, num_shards: int | None = None) -> list[tuple[int, int]]:
-    """[start, end) input slices: `num_shards` equal ones, else slices of `shard_size`."""
+    """[start, end) input slices: `num_shards` equal ones, else slices of `shard_size`
+    (default 1000). Fewer than `num_shards` slices result when they do not divide evenly."""
     if num_shards is not None:
-        if num_shards < 1:
-            raise ValueError("num_shards must be >= 1")
-        shard_size = -(-n // num_shards)
-    shard_size = max(1, shard_size or 1000)
+        _positive(num_shards, "num_shards")
+        shard_size = -(-n // num_shards) or 1
+    elif shard_size is None:
+        shard_size = 1000
+    _positive(shard_size, "shard_size")
     return [(start, min(n, start + shard_size)) for start in range(0, n, shard_size)]
 
 
@@ -147,11 +197,50 @@ def _meta(record: ImageRecord, size: tuple[int, int]) -> dict[str, Any]:
     return row
 
 
+def _no_images(inputs: Sequence[str | Path], skipped: list[dict[str, Any]]) -> str:
+    message = f"no images found in {', '.join(map(str, inputs))}"
+    if skipped:
+        message += f" ({len(skipped)} input(s) skipped, e.g. {skipped[0]['source']}: {skipped[0]['reason']})"
+    return message
+
+
 def _failure(record: ImageRecord, reason: str) -> dict[str, Any]:
     row = {"source": record.source, "reason": reason}
     if record.member is not None:
         row["member"] = record.member
     return row
+
+
+def _check_resumable(path: Path, manifest: dict[str, Any], k: int, slices: Sequence[tuple[int, int]], list_hash: str,
+                     identity: dict[str, Any], save_features: bool, precision: str, max_pixels: int,
+                     device: torch.device) -> None:
+    """Refuse to add shards to a folder whose shard `path` holds other contents than this run
+    would write; the message names the option and the value the shard was written with."""
+    inputs = manifest.get("inputs") or {}
+    if (inputs.get("list_sha256") != list_hash or k >= len(slices)
+            or list(inputs.get("slice") or []) != list(slices[k])):
+        raise ValueError(f"{path} was written for another input list or shard size; rerun with the same inputs "
+                         f"and --shard-size/--num-shards, or write to a new --out folder")
+    recorded = manifest.get("tokenizer") or {}
+    if (recorded.get("weights_sha256"), recorded.get("architecture_hash")) != (identity["weights_sha256"],
+                                                                                identity["architecture_hash"]):
+        raise ValueError(f"{path} was written by another tokenizer ({recorded.get('source') or 'a --preset'}, weights "
+                         f"sha256 {str(recorded.get('weights_sha256'))[:12]}; this run's: "
+                         f"{identity['weights_sha256'][:12]}); use the same --checkpoint / --preset, or write to a new "
+                         "--out folder")
+    had = manifest.get("features") is not None
+    if had != save_features:
+        word = "with" if had else "without"
+        raise ValueError(f"{path} was written {word} --save-features; rerun {word} --save-features to resume, "
+                         "or write to a new --out folder (a shard set has features in every shard or in none)")
+    written = _effective_precision(manifest.get("precision", "auto"), device)
+    if written != precision:
+        raise ValueError(f"{path} was written with --precision {written} (this run: {precision}), and ids can "
+                         f"differ between precisions; rerun with --precision {written}, or write to a new --out folder")
+    if manifest.get("max_pixels", max_pixels) != max_pixels:
+        raise ValueError(f"{path} was written with --max-pixels {manifest['max_pixels']} (this run: {max_pixels}), "
+                         f"which decides which images are refused; rerun with --max-pixels {manifest['max_pixels']}, "
+                         "or write to a new --out folder")
 
 
 @dataclass
@@ -162,7 +251,8 @@ class EncodeSummary:
     shards_written: list[int] = field(default_factory=list)
     shards_already_done: list[int] = field(default_factory=list)
     samples: int = 0
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)  # unreadable inputs (in the manifests)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # left out while listing (skipped_inputs.json)
     processed: int = 0  # inputs read in this run (complete shards from earlier runs excluded)
     seconds: float = 0.0
 
@@ -191,37 +281,52 @@ def encode_images(
     """Encode image folders / file lists / tar shards into id shards under `out_dir`.
 
     Rerunning with the same inputs resumes: complete shards are kept, partial ones redone.
+    A rerun that would write shards unlike the existing ones (another tokenizer, input list,
+    shard size, --save-features, precision or max_pixels) is refused: a set never mixes them.
     `rank`/`world_size` (default: torchrun's RANK/WORLD_SIZE) select this process's shards.
     """
     started = time.perf_counter()
-    records = list_images(inputs)
-    if not records:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
+    _positive(batch_size, "batch_size")
+    if num_shards is not None:
+        _positive(num_shards, "num_shards")
+    elif shard_size is not None:
+        _positive(shard_size, "shard_size")
+    _positive(num_workers, "num_workers", minimum=0)
+    _positive(max_pixels, "max_pixels")
+    _check_precision(precision)
     rank, world = _rank_and_world(rank, world_size)
-    out_dir = Path(out_dir)
+    out_dir = check_output_folder(out_dir)
+    scan = scan_inputs(inputs)
+    records = scan.records
+    if not records:
+        raise ValueError(_no_images(inputs, scan.skipped))
     slices = plan_shards(len(records), shard_size, num_shards)
     mine = [k for k in range(len(slices)) if k % world == rank]
     remove_stale_temporaries(out_dir, mine)
 
     list_hash = hashlib.sha256("\n".join(r.name for r in records).encode()).hexdigest()
     identity = tokenizer_identity(tokenizer, tokenizer_source)
-    summary = EncodeSummary(out_dir, len(records), len(slices))
+    used_precision = _effective_precision(precision, tokenizer.device)
+    summary = EncodeSummary(out_dir, len(records), len(slices), skipped=scan.skipped)
+    existing = {}
+    for k, path in shard_folders(out_dir):  # every rank's: the whole set must stay one kind
+        manifest = read_manifest(path)
+        _check_resumable(path, manifest, k, slices, list_hash, identity, save_features, used_precision, max_pixels,
+                         tokenizer.device)
+        existing[k] = manifest
     todo = []
     for k in mine:
-        path = out_dir / shard_name(k)
-        if not path.is_dir():
+        if k not in existing:
             todo.append(k)
             continue
-        manifest = read_manifest(path)
-        if manifest["inputs"]["list_sha256"] != list_hash or manifest["inputs"]["slice"] != list(slices[k]):
-            raise ValueError(f"{path} was written for another input list or shard size; rerun with the same inputs "
-                             f"and --shard-size/--num-shards, or write to a new --out folder")
-        if manifest["tokenizer"]["weights_sha256"] != identity["weights_sha256"]:
-            raise ValueError(f"{path} was written by another tokenizer (weights differ); use the same "
-                             f"--checkpoint or a new --out folder")
         summary.shards_already_done.append(k)
-        summary.samples += manifest["num_samples"]
-        summary.failed += manifest.get("failed", [])
+        summary.samples += existing[k]["num_samples"]
+        summary.failed += existing[k].get("failed", [])
+    if rank == 0:  # one writer; every rank lists the same inputs
+        if scan.skipped:
+            atomic_write_json(out_dir / SKIPPED_FILE, scan.skipped)
+        else:  # a list from an earlier scan of these inputs no longer holds
+            (out_dir / SKIPPED_FILE).unlink(missing_ok=True)
 
     cfg = tokenizer.config
     feature_dim = cfg.feature_dim if save_features else None
@@ -262,8 +367,10 @@ def encode_images(
                     "num_codebooks": cfg.num_codebooks,
                     "codebook_size": cfg.codebook_size,
                     "feature_dim": cfg.feature_dim,
-                    "precision": precision,
-                    "inputs": {"count": len(records), "list_sha256": list_hash, "slice": [start, end]},
+                    "precision": used_precision,
+                    "max_pixels": max_pixels,
+                    "inputs": {"count": len(records), "list_sha256": list_hash, "slice": [start, end],
+                               "shard_size": slices[0][1] - slices[0][0], "num_shards": len(slices)},
                     "failed": failed,
                 })
                 summary.shards_written.append(k)
@@ -286,22 +393,27 @@ def _stem(meta: dict[str, Any]) -> str:
 
 def decode_shards(shard_dir: str | Path, out_dir: str | Path, tokenizer: ImageTokenizer | None = None,
                   indices: Sequence[int] | None = None, batch_size: int = 16, precision: str = "auto",
-                  progress: bool = True) -> list[Path]:
+                  progress: bool = True, *, trust_pickle: bool = False) -> list[Path]:
     """Decode samples of a shard set to PNG files `{index:07d}_{name}.png`; the tokenizer
     defaults to the one recorded in the shards (its weights must match)."""
+    _positive(batch_size, "batch_size")
+    _check_precision(precision)
+    out_dir = check_output_folder(out_dir)
     shards = open_shards(shard_dir)
+    indices = list(range(len(shards))) if indices is None else [operator.index(i) for i in indices]
+    wrong = [i for i in indices if not 0 <= i < len(shards)]
+    if wrong:  # before the tokenizer is loaded or anything is written
+        raise ValueError(f"sample index {wrong[0]} is out of range: {shard_dir} holds {len(shards)} samples, "
+                         f"numbered 0-{len(shards) - 1}")
     recorded = shards.manifest["tokenizer"]
     if tokenizer is None:
         tokenizer = load_tokenizer_matching(recorded, what=f"the shards in {shard_dir}",
-                                            hint="pass the tokenizer that encoded them with --checkpoint PATH")
+                                            hint="pass the tokenizer that encoded them with --checkpoint PATH",
+                                            trust_pickle=trust_pickle)
     if tokenizer.config.architecture_hash() != recorded["architecture_hash"]:
         raise ValueError("this tokenizer's configuration differs from the one that wrote the shards")
     if weights_digest(tokenizer) != recorded["weights_sha256"]:
         log.warning("tokenizer weights differ from those that wrote the shards: images may not match")
-    indices = list(range(len(shards))) if indices is None else list(indices)
-    for i in indices:
-        shards.locate(i)  # IndexError with the valid range before any work
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
@@ -334,11 +446,60 @@ class ReconstructResult:
     rows: list[dict[str, Any]]  # name, psnr, output path
     contact_sheet: Path | None
     table: Path
-    failed: list[dict[str, Any]]
+    failed: list[dict[str, Any]]  # unreadable inputs and inputs skipped while listing (failed.json)
 
     @property
     def mean_psnr(self) -> float:
         return float(np.mean([r["psnr"] for r in self.rows])) if self.rows else float("nan")
+
+
+REPORT_FILES = ("contact_sheet.png", "psnr.csv", "failed.json")  # written by reconstruct_images beside the images
+
+
+def _output_names(records: Sequence[ImageRecord]) -> list[str]:
+    """One PNG name per record, from its file or member name: unique (case-insensitively, for
+    case-insensitive file systems) and never one of the report files."""
+    taken = {name.casefold() for name in REPORT_FILES}
+    names = []
+    for record in records:
+        stem = _stem({"source": record.source, "member": record.member})
+        while f"{stem}.png".casefold() in taken:
+            stem += "_"
+        taken.add(f"{stem}.png".casefold())
+        names.append(f"{stem}.png")
+    return names
+
+
+def _refuse_replacing_inputs(inputs: Sequence[str | Path], sources: Sequence[str], out_dir: Path,
+                             outputs: Sequence[Path]) -> None:
+    """Nothing an output writes may replace an input: refuse an --out that is an input folder,
+    or any output file that is an input file (compared as files, so links and case-insensitive
+    names count too)."""
+    def identity(path: str | Path) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    out_id = identity(out_dir)
+    for item in inputs:
+        if out_id is not None and Path(item).expanduser().is_dir() and identity(Path(item).expanduser()) == out_id:
+            raise ValueError(f"--out {out_dir} is the input folder {item}: the results would be written among "
+                             "(and could replace) the images; choose another --out folder")
+    if out_id is None:
+        return  # a new folder: nothing in it can be an input
+    protected = {}
+    for path in dict.fromkeys([*(Path(i).expanduser() for i in inputs if Path(i).expanduser().is_file()),
+                               *map(Path, sources)]):  # a tar once, not once per member
+        key = identity(path)
+        if key is not None:
+            protected[key] = path
+    for path in outputs:
+        key = identity(path)
+        if key is not None and key in protected:
+            raise ValueError(f"--out {out_dir}: writing {path.name} would replace the input {protected[key]}; "
+                             "choose another --out folder")
 
 
 def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer: ImageTokenizer,
@@ -346,18 +507,26 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
                        max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> ReconstructResult:
     """For each image a PNG of original | reconstruction | error heatmap, a contact sheet of
     all of them, and a per-image PSNR table (psnr.csv). The original is the tokenizer's view:
-    padded (or cropped) to a square and resized to its resolution."""
-    records = list_images(inputs)
+    padded (or cropped) to a square and resized to its resolution. Output names are unique and
+    never replace an input (refused before any work) or a report file."""
+    _positive(batch_size, "batch_size")
+    _positive(num_workers, "num_workers", minimum=0)
+    _positive(max_pixels, "max_pixels")
+    _check_precision(precision)
+    out_dir = check_output_folder(out_dir)
+    scan = scan_inputs(inputs)
+    records = scan.records
     if not records:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))}")
-    out_dir = Path(out_dir)
+        raise ValueError(_no_images(inputs, scan.skipped))
+    names = _output_names(records)
+    _refuse_replacing_inputs(inputs, [*(r.source for r in records), *(s["source"] for s in scan.skipped)], out_dir,
+                             [out_dir / n for n in (*names, *REPORT_FILES)])
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(_Items(records, tokenizer.config, max_pixels), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate)
     from tqdm.auto import tqdm
 
-    rows, failed, thumbs = [], [], []
-    used: set[str] = set()
+    rows, failed, thumbs = [], list(scan.skipped), []
     for indices, pixels, _, bad in tqdm(loader, desc="reconstruct", unit="batch", disable=not progress):
         failed += [_failure(records[i], reason) for i, reason in bad]
         if pixels is None:
@@ -366,12 +535,8 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
         target = tokenizer.target(pixels.to(recon.device))
         scores = psnr_signed(recon, target)
         for i, t, r, score in zip(indices, target, recon, scores):
-            name = _stem({"source": records[i].source, "member": records[i].member})
-            while name in used:
-                name += "_"
-            used.add(name)
             triple = side_by_side([[to_pil(t), to_pil(r), error_heatmap(t, r)]])
-            path = out_dir / f"{name}.png"
+            path = out_dir / names[i]
             atomic_save_image(triple, path)
             rows.append({"name": records[i].name, "psnr": round(float(score), 4), "file": path.name})
             thumbs.append(triple if triple.width <= 3 * 256 else triple.resize((3 * 256, round(triple.height * 3 * 256 / triple.width))))
@@ -387,8 +552,11 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
         atomic_save_image(side_by_side([[t] for t in thumbs]), sheet)
     if failed:
         atomic_write_json(out_dir / "failed.json", failed)
+    else:  # a report of an earlier run in this folder would describe other inputs
+        (out_dir / "failed.json").unlink(missing_ok=True)
     return ReconstructResult(rows, sheet, table, failed)
 
 
 __all__ = ["load_tokenizer", "load_tokenizer_matching", "tokenizer_identity", "weights_digest", "plan_shards", "encode_images", "EncodeSummary", "decode_shards",
-           "reconstruct_images", "ReconstructResult", "error_heatmap"]
+           "reconstruct_images", "ReconstructResult", "error_heatmap", "check_output_folder", "check_output_file",
+           "REPORT_FILES"]

@@ -23,3 +23,21 @@ def test_demo_writes_grid_and_metrics(tmp_path, asset_images):
     again = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--steps", "2"])
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "demo" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_demo_lists_what_it_could_not_use(tmp_path, asset_images):
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in asset_images[:3]:
+        shutil.copy(p, images / p.name)
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    (images / "gone.png").symlink_to(tmp_path / "missing.png")
+    res = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo"), "--images", str(images), "--steps", "1"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert sorted(metrics["psnr_per_image"]) == sorted(p.name for p in asset_images[:3])
+    assert metrics["skipped_inputs"] == [{"source": str(images / "gone.png"), "reason": "dangling symlink"},
+                                         {"source": str(images / "broken.png"), "reason": "not an image"}]
+    assert "2 input(s) unreadable or skipped (1 dangling symlink, 1 not an image)" in res.output

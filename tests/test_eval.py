@@ -272,3 +272,45 @@ def test_cli_rfid_and_lpips_from_weight_files(tiny_tok, asset_images, tmp_path):
     diff = fa.mean(0) - fb.mean(0)
     expected = diff @ diff + (ca**2).sum() + (cb**2).sum() - 2 * np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
     assert m["rfid"] == pytest.approx(expected, rel=1e-4) and m["rfid"] > 0
+
+
+def test_inputs_skipped_while_listing_are_failures(tiny_tok, asset_images, tmp_path, folder_pair):
+    import tarfile
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in asset_images[:2]:
+        shutil.copy(p, folder / p.name)
+    (folder / "gone.png").symlink_to(tmp_path / "missing.png")
+    with tarfile.open(folder / "pack.tar", "w") as tar:
+        for i, p in enumerate(asset_images[2:4]):
+            tar.add(p, arcname=f"{i}.png")
+    data = (folder / "pack.tar").read_bytes()
+    (folder / "pack.tar").write_bytes(data[:len(data) // 2])  # the first member survives
+    result = evaluate_tokenizer(tiny_tok, [folder, folder / asset_images[0].name], EvalOptions(**QUIET))
+    s = result.summary
+    assert s["num_images"] == 3  # two files and the intact tar member, each once
+    reasons = {row["name"].rsplit("/", 1)[-1]: row["reason"] for row in s["failed"]}
+    assert s["num_failed"] == len(s["failed"]) == 4
+    assert reasons["gone.png"] == "dangling symlink"
+    assert reasons[asset_images[0].name] == f"duplicate of {folder / asset_images[0].name}"
+    assert reasons["pack.tar::1.png"].startswith("data runs past the end of the file")
+    assert reasons["pack.tar"].startswith("truncated tar")
+
+    orig, recon, _ = folder_pair
+    (orig / "gone.png").symlink_to(tmp_path / "missing.png")
+    folders = evaluate_folders(orig, recon, EvalOptions(resolution=64, **QUIET))
+    assert folders.summary["num_failed"] == 2
+    assert {"name": str(orig / "gone.png"), "reason": "original: dangling symlink"} in folders.summary["failed"]
+
+
+def test_cli_report_paths_are_checked_before_any_work(folder_pair, tmp_path):
+    orig, recon, _ = folder_pair
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    for option in ("--json", "--csv"):
+        result = CliRunner().invoke(eval_command, [str(orig), str(recon), "--no-fid", "--no-lpips", "--num-workers",
+                                                   "0", "-q", option, str(afile / "report")])
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        assert result.output == (f"Error: {option} {afile / 'report'} lies under {afile}, which is a file, not a "
+                                 f"folder; choose another {option}\n")  # no table: nothing was computed

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -215,7 +216,7 @@ def test_decode_round_trip(tok, tmp_path, assets_dir):
     # Decoded in a batch of two vs alone: float rounding may move a pixel by one level.
     diff = np.abs(np.asarray(Image.open(written[1])).astype(int) - np.asarray(to_pil(expected)).astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.01
-    with pytest.raises(IndexError, match="out of range for 10 samples"):
+    with pytest.raises(ValueError, match=r"sample index 10 is out of range: .* holds 10 samples, numbered 0-9"):
         decode_shards(tmp_path / "out", tmp_path / "png", tok, indices=[10], progress=False)
 
 
@@ -240,3 +241,275 @@ def test_cli_encode_summary(tmp_path, mixed_folder):
     assert res.exit_code == 0, res.output
     assert "10 images encoded" in res.output and "4 unreadable input(s)" in res.output
     assert "1 empty file" in res.output and "1 not an image" in res.output
+
+
+# ---- reruns never mix shards of different contents --------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    (dict(save_features=False), r"shard-0000[02] was written with --save-features; rerun with --save-features to resume"),
+    (dict(precision="bf16"), r"shard-0000[02] was written with --precision fp32 \(this run: bf16\).*rerun with "
+                             r"--precision fp32"),
+    (dict(max_pixels=1000), r"shard-0000[02] was written with --max-pixels 268435456 \(this run: 1000\)"),
+])
+def test_rerun_that_changes_shard_contents_is_refused(tok, tmp_path, assets_dir, change, message):
+    out = tmp_path / "out"
+    base = dict(shard_size=3, num_workers=0, progress=False, save_features=True)
+    encode_images([assets_dir], out, tok, rank=0, world_size=2, **base)  # shards 0 and 2
+    # Rank 1 checks the shards of rank 0 too, and a plain rerun checks its own.
+    for rank, world in ((1, 2), (0, 1)):
+        with pytest.raises(ValueError, match=message):
+            encode_images([assets_dir], out, tok, rank=rank, world_size=world, **{**base, **change})
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000", "shard-00002"]  # nothing written
+    summary = encode_images([assets_dir], out, tok, rank=1, world_size=2, **base)  # the same options resume
+    assert summary.shards_written == [1, 3] and open_shards(out).has_features
+
+
+def test_rerun_with_another_tokenizer_is_refused(tok, tmp_path, assets_dir):
+    encode_images([assets_dir], tmp_path / "out", tok, shard_size=4, rank=0, world_size=2, num_workers=0,
+                  progress=False)
+    torch.manual_seed(1)
+    other = load_tokenizer(preset="tiny", device="cpu")
+    other.load_state_dict({k: v + 0.01 if v.is_floating_point() else v for k, v in tok.state_dict().items()})
+    with pytest.raises(ValueError, match=r"shard-00000 was written by another tokenizer \(a --preset, weights sha256 "
+                                         r"[0-9a-f]{12}; this run's: [0-9a-f]{12}\); use the same --checkpoint"):
+        encode_images([assets_dir], tmp_path / "out", other, shard_size=4, rank=1, world_size=2, num_workers=0,
+                      progress=False)
+
+
+# ---- argument validation ------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "Invalid value for '--batch-size': 0 is not in the range x>=1"),
+    (["--shard-size", "0"], "Invalid value for '--shard-size': 0 is not in the range x>=1"),
+    (["--num-shards", "0"], "Invalid value for '--num-shards': 0 is not in the range x>=1"),
+    (["--num-workers", "-1"], "Invalid value for '--num-workers': -1 is not in the range x>=0"),
+    (["--max-pixels", "0"], "Invalid value for '--max-pixels': 0 is not in the range x>=1"),
+    (["--world-size", "0"], "Invalid value for '--world-size': 0 is not in the range x>=1"),
+])
+def test_encode_options_are_checked_when_parsed(tmp_path, asset_images, args, message):
+    res = CliRunner().invoke(main, ["encode", str(asset_images[0]), "--out", str(tmp_path / "o"), "--preset", "tiny",
+                                    *args])
+    assert res.exit_code == 2 and message in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("indices, message", [
+    ("3-1", "the range '3-1' runs backwards; write 1-3"),
+    ("1,,2", "'' is not a sample number or range"),
+    ("-3", "'-3' is not a sample number or range"),
+    ("1-2-3", "'1-2-3' is not a sample number or range"),
+    ("a", "'a' is not a sample number or range"),
+    ("", "'' is not a sample number or range"),
+    ("1" * 5000, "is not a sample number or range"),
+])
+def test_decode_indices_are_checked_when_parsed(tmp_path, indices, message):
+    (tmp_path / "shards").mkdir()
+    res = CliRunner().invoke(main, ["decode", str(tmp_path / "shards"), "--out", str(tmp_path / "png"),
+                                    "--indices", indices])
+    assert res.exit_code == 2 and "Invalid value for '--indices'" in res.output and message in res.output
+
+
+def test_library_functions_check_their_arguments(tok, tmp_path, asset_images):
+    from libra_tok.pipeline import plan_shards
+
+    assert plan_shards(10, shard_size=4) == [(0, 4), (4, 8), (8, 10)] and plan_shards(10) == [(0, 10)]
+    for kwargs, message in ((dict(shard_size=0), "shard_size must be an integer >= 1, got 0"),
+                            (dict(shard_size=-2), "shard_size must be an integer >= 1, got -2"),
+                            (dict(num_shards=0), "num_shards must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
+            plan_shards(10, **kwargs)
+    one = asset_images[:1]
+    for kwargs, message in ((dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+                            (dict(shard_size=0), "shard_size must be an integer >= 1, got 0"),
+                            (dict(num_workers=-1), "num_workers must be an integer >= 0, got -1"),
+                            (dict(max_pixels=0), "max_pixels must be an integer >= 1, got 0"),
+                            (dict(precision="fp8"), "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+                            (dict(world_size=0, rank=0), "world size must be >= 1, got 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            encode_images(one, tmp_path / "o", tok, **kwargs)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        reconstruct_images(one, tmp_path / "r", tok, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        decode_shards(tmp_path / "o", tmp_path / "png", tok, batch_size=0)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+# ---- one-line errors -------------------------------------------------------------------------------
+def test_out_under_a_file_is_a_one_line_error(tmp_path, asset_images):
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    encoded = tmp_path / "shards"
+    assert CliRunner().invoke(main, ["encode", str(asset_images[0]), "--out", str(encoded), "--preset", "tiny",
+                                     "--device", "cpu", "--num-workers", "0"]).exit_code == 0
+    for args in (["encode", str(asset_images[0]), "--preset", "tiny"], ["decode", str(encoded), "--preset", "tiny"],
+                 ["reconstruct", str(asset_images[0]), "--preset", "tiny"]):
+        res = CliRunner().invoke(main, [*args, "--out", str(afile / "sub"), "--device", "cpu"])
+        assert res.exit_code == 1 and "Traceback" not in res.output
+        assert res.stderr.strip().splitlines()[-1] == (f"Error: --out {afile / 'sub'} lies under {afile}, which is a "
+                                                       "file, not a folder; choose another --out")
+
+
+def test_decode_indices_out_of_range_is_a_one_line_error(tmp_path, asset_images):
+    encoded = tmp_path / "shards"
+    runner = CliRunner()
+    assert runner.invoke(main, ["encode", *map(str, asset_images[:2]), "--out", str(encoded), "--preset", "tiny",
+                                "--device", "cpu", "--num-workers", "0"]).exit_code == 0
+    res = runner.invoke(main, ["decode", str(encoded), "--out", str(tmp_path / "png"), "--indices", "0,1-5",
+                               "--preset", "tiny", "--device", "cpu"])
+    assert res.exit_code == 1 and res.exception is not None and "Traceback" not in res.output
+    assert res.stderr.strip() == f"Error: --indices 5 is out of range: {encoded} holds 2 samples, numbered 0-1"
+    assert not (tmp_path / "png").exists()  # checked before any work
+    huge = runner.invoke(main, ["decode", str(encoded), "--out", str(tmp_path / "png"), "--indices", "0-99999999999999"])
+    assert huge.exit_code == 1 and "--indices 99999999999999 is out of range" in huge.stderr
+    ok = runner.invoke(main, ["decode", str(encoded), "--out", str(tmp_path / "png"), "--indices", "1, 0-0",
+                              "--preset", "tiny", "--device", "cpu"])
+    assert ok.exit_code == 0, ok.output
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        f"0000000_{asset_images[0].stem}.png", f"0000001_{asset_images[1].stem}.png"]
+
+
+# ---- --trust-pickle --------------------------------------------------------------------------------
+def test_trust_pickle_reaches_the_loader(tmp_path, asset_images, monkeypatch):
+    from libra_tok.model import ImageTokenizer
+
+    seen = []
+    preset = load_tokenizer(preset="tiny", device="cpu")
+
+    def from_pretrained(cls, path, device=None, *, trust_pickle=False):
+        seen.append(trust_pickle)
+        return preset
+
+    monkeypatch.setattr(ImageTokenizer, "from_pretrained", classmethod(from_pretrained))
+    ckpt = tmp_path / "vqgan.ckpt"
+    ckpt.write_bytes(b"stands in for an official checkpoint")
+    common = ["--checkpoint", str(ckpt), "--device", "cpu"]
+    runner = CliRunner()
+    for args in (["encode", str(asset_images[0]), "--out", str(tmp_path / "s"), "--num-workers", "0", *common],
+                 ["decode", str(tmp_path / "s"), "--out", str(tmp_path / "png"), *common],
+                 ["reconstruct", str(asset_images[0]), "--out", str(tmp_path / "r"), "--num-workers", "0", *common],
+                 ["info", str(ckpt)]):
+        for flag in ([], ["--trust-pickle"]):
+            res = runner.invoke(main, [*args, *flag])
+            assert res.exit_code == 0, (args, res.output)
+    assert seen == [False, True] * 4
+    helps = {}
+    for command in ("encode", "decode", "reconstruct", "info", "convert-official"):
+        option = next(p for p in main.commands[command].params if p.name == "trust_pickle")
+        helps[command] = option.help
+    assert len(set(helps.values())) == 1 and "only for files you trust" in helps["info"]
+
+
+# ---- reconstruct never replaces an input ---------------------------------------------------------------
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_reconstruct_refuses_to_write_over_inputs(tok, tmp_path, asset_images):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for p in asset_images[:2]:
+        shutil.copy(p, imgs / p.name)
+    shutil.copy(asset_images[2], imgs / "contact_sheet.png")
+    before = _snapshot(imgs)
+    with pytest.raises(ValueError, match=rf"--out {re.escape(str(imgs))} is the input folder .*choose another --out"):
+        reconstruct_images([imgs], imgs, tok, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match="is the input folder"):  # the same folder under another name
+        reconstruct_images([imgs], tmp_path / "." / "imgs", tok, num_workers=0, progress=False)
+    # The inputs are files: the folder is not an input, but the outputs would replace them.
+    with pytest.raises(ValueError, match=rf"writing {asset_images[0].name} would replace the input "
+                                         rf"{re.escape(str(imgs / asset_images[0].name))}"):
+        reconstruct_images([imgs / asset_images[0].name], imgs, tok, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"writing contact_sheet.png would replace the input .*contact_sheet.png"):
+        reconstruct_images([tmp_path / "imgs" / "contact_sheet.png", asset_images[3]], imgs, tok, num_workers=0,
+                           progress=False)
+    res = CliRunner().invoke(main, ["reconstruct", str(imgs), "--out", str(imgs), "--preset", "tiny", "--device", "cpu",
+                                    "--num-workers", "0"])
+    assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1].startswith(f"Error: --out {imgs} is the input folder")
+    assert _snapshot(imgs) == before
+
+
+def test_reconstruct_names_never_collide(tok, tmp_path, asset_images):
+    imgs = tmp_path / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    shutil.copy(asset_images[0], imgs / "contact_sheet.png")  # the name of the report
+    shutil.copy(asset_images[1], imgs / "Cat.png")
+    shutil.copy(asset_images[2], imgs / "sub" / "cat.png")  # the same name on a case-insensitive disk
+    shutil.copy(asset_images[3], imgs / "sub" / "Cat.jpg")  # the same stem
+    result = reconstruct_images([imgs], tmp_path / "rec", tok, num_workers=0, progress=False)
+    files = [r["file"] for r in result.rows]
+    assert files == ["Cat.png", "contact_sheet_.png", "Cat_.png", "cat__.png"]
+    rec = tmp_path / "rec"
+    assert sorted(p.name for p in rec.iterdir()) == sorted(files + ["contact_sheet.png", "psnr.csv"])
+    for name in files:  # each its own original | reconstruction | heatmap strip, none replaced by the sheet
+        with Image.open(rec / name) as im:
+            assert im.size == (3 * 112 + 4 * 4, 112 + 2 * 4)
+    with Image.open(result.contact_sheet) as sheet:
+        assert sheet.height > 4 * 112
+
+
+# ---- inputs left out while listing are listed and counted ---------------------------------------------
+def _tar_with_truncation(path, images):
+    """A tar whose first members are intact and whose last member is cut short."""
+    with tarfile.open(path, "w") as tar:
+        for i, p in enumerate(images):
+            tar.add(p, arcname=f"{i:04d}{p.suffix}")
+    data = path.read_bytes()
+    last = tarfile.open(path).getmembers()[-1]
+    path.write_bytes(data[:last.offset_data + last.size // 2])
+
+
+def test_encode_lists_and_counts_skipped_inputs(tok, tmp_path, asset_images):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in asset_images[:2]:
+        shutil.copy(p, data / p.name)
+    _tar_with_truncation(data / "pack.tar", asset_images[2:5])  # 2 intact members, then damage
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(asset_images[5], outside / asset_images[5].name)
+    (data / "linked").symlink_to(outside, target_is_directory=True)  # a symlinked sub-folder: followed
+    (data / "loop").symlink_to(data, target_is_directory=True)  # back to an ancestor: a loop
+    (data / "gone.png").symlink_to(tmp_path / "missing.png")  # dangling
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["encode", str(data), str(data / asset_images[0].name), "--out", str(out),
+                                    "--preset", "tiny", "--device", "cpu", "--num-workers", "0", "--shard-size", "2"])
+    assert res.exit_code == 0, res.output
+    shards = open_shards(out)
+    encoded = [s.meta.get("member") or Path(s.meta["source"]).name for s in shards]
+    assert encoded == [asset_images[0].name, asset_images[1].name, asset_images[5].name, "0000.png", "0001.png"]
+    skipped = json.loads((out / "skipped_inputs.json").read_text())
+    reasons = {(Path(s["source"]).name, s.get("member")): s["reason"] for s in skipped}
+    assert len(skipped) == 5 and set(reasons) == {("pack.tar", None), ("pack.tar", "0002.png"), ("loop", None),
+                                                  ("gone.png", None), (asset_images[0].name, None)}
+    assert reasons["pack.tar", None].startswith("truncated tar: members after byte")
+    assert reasons["pack.tar", "0002.png"].startswith("data runs past the end of the file")
+    assert reasons["loop", None] == "symlink loop" and reasons["gone.png", None] == "dangling symlink"
+    assert reasons[asset_images[0].name, None] == f"duplicate of {data / asset_images[0].name}"
+    assert shards.skipped == skipped and shards.verify() == []
+    assert "5 images encoded" in res.output
+    assert (f"5 input(s) skipped while listing, listed in {out / 'skipped_inputs.json'}: 1 dangling symlink, "
+            "1 data runs past the end of the file, 1 duplicate, 1 symlink loop, 1 truncated tar") in res.output
+    summary = encode_images([data, data / asset_images[0].name], out, tok, shard_size=2, num_workers=0, progress=False)
+    assert summary.shards_already_done == [0, 1, 2] and summary.skipped == skipped  # a rerun reports them again
+
+
+def test_encode_of_a_30000x1_png_stays_small(tmp_path, asset_images):
+    """A 30000x1 image is a few hundred bytes; preprocessing it must not build a 30000x30000 canvas."""
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (30000, 1), (200, 10, 10)).save(data / "line.png")
+    assert (data / "line.png").stat().st_size < 2000
+    shutil.copy(asset_images[0], data / asset_images[0].name)
+    script = ("import resource, sys\n"
+              "from cli.tok import main\n"
+              "try:\n"
+              "    main(sys.argv[1:], standalone_mode=False)\n"
+              "finally:\n"
+              "    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    proc = subprocess.run([sys.executable, "-c", script, "encode", str(data), "--out", str(tmp_path / "out"),
+                           "--preset", "tiny", "--device", "cpu", "--num-workers", "0"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 images encoded" in proc.stdout
+    maxrss_mb = int(proc.stdout.split("maxrss_kb")[1]) / 1024
+    # torch and the tiny model take a few hundred MB; the padded canvas alone would be 2.7 GB.
+    assert maxrss_mb < 1200, f"peak RSS {maxrss_mb:.0f} MB"
