@@ -29,6 +29,15 @@ def _device(name: str):
     return device
 
 
+def _finite(ctx, param, value):
+    """click's FloatRange lets NaN (and inf) through: every comparison with NaN is False."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 @main.command("generate")
 @click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="LM folder: written by save_pretrained, an official Libra folder (libra-11b-chat/-base) or an "
@@ -38,7 +47,8 @@ def _device(name: str):
 @click.option("--prompt", required=True, help="The question or instruction.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="Image tokenizer: a libra-tok folder (save_pretrained) or an official vqgan.ckpt / its folder. "
-                   "Default: the model folder when it holds vqgan.ckpt.")
+                   "Default: the model folder's own: its image_tokenizer/ sub-folder, else the tokenizer recorded "
+                   "by training (digest-checked), else its vqgan.ckpt (official Libra folders).")
 @click.option("--tokenizer-preset", type=click.Choice(["tiny"]), default=None,
               help="Use a freshly initialised image tokenizer of this preset instead (offline demos and tests; "
                    "seeded by --seed).")
@@ -49,10 +59,10 @@ def _device(name: str):
                    "(<s> image \\n prompt).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Sampling temperature; 0 = greedy decoding.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, callback=_finite,
+              help="Sampling temperature (a finite number >= 0); 0 = greedy decoding.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
-              help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
+              callback=_finite, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
 @click.option("--stop", "stop_strings", multiple=True,
               help="Stop when the answer contains this string (repeatable); generation also stops at EOS.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling (and of --tokenizer-preset).")
@@ -61,6 +71,9 @@ def _device(name: str):
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
               help="LM weights' precision; auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow Python objects besides tensors in pickled weights (an official vqgan.ckpt, "
+                   "pytorch_model.bin): unpickling can run code, so only for files you trust.")
 @fail_on_errors
 def generate(
     model_path: Path,
@@ -78,11 +91,14 @@ def generate(
     attn_backend: str,
     device: str,
     dtype: str,
+    trust_pickle: bool,
 ) -> None:
     """Answer PROMPT about an image with a Libra model and print the answer.
 
     The image goes through the image tokenizer (two ids and the CLIP features per patch),
-    is placed between BOI and EOI in the prompt, and the LM decodes with a KV cache.
+    is placed between BOI and EOI in the prompt, and the LM decodes with a KV cache. The
+    prompt and the answer share the model's context (max_position_embeddings): a longer prompt
+    is an error, and the answer stops when the context is full.
     """
     import torch
 
@@ -96,19 +112,19 @@ def generate(
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     torch_dtype = getattr(torch, DTYPES[dtype])
 
+    image = _read_image(image_path) if image_path is not None else None  # fail fast, before any loading
     if text_tokenizer_path is None:
         text_tokenizer_path = model_path / "tokenizer.model"
         if not text_tokenizer_path.is_file():
             raise FileNotFoundError(f"{model_path} has no tokenizer.model; pass --text-tokenizer PATH")
     text_tok = TextTokenizer.from_pretrained(text_tokenizer_path)
-    model = LibraForCausalLM.from_pretrained(model_path, device=dev, dtype=torch_dtype)
+    image_tok = None
+    if image is not None:
+        image_tok = _image_tokenizer(tokenizer_path, tokenizer_preset, model_path, seed, trust_pickle).to(dev).eval()
+    model = LibraForCausalLM.from_pretrained(model_path, device=dev, dtype=torch_dtype, trust_pickle=trust_pickle)
     model.attn_backend = attn_backend
 
-    images = None
-    if image_path is not None:
-        image_tok = _image_tokenizer(tokenizer_path, tokenizer_preset, model_path, seed).to(dev).eval()
-        images = encode_images(image_tok, [image_path], model.config)
-
+    images = encode_images(image_tok, [image], model.config) if image is not None else None
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = chat(
         model, text_tok, [prompt], images, template=template, stop_strings=stop_strings,
@@ -117,20 +133,31 @@ def generate(
     click.echo(out.texts[0].strip())
 
 
-def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, seed: int):
+def _read_image(path: Path):
+    """The --image as 8-bit RGB, read as `libra-tok encode` reads its inputs; a file that is not
+    a readable image is a ValueError with the reason."""
+    from libra_tok.data import ImageReadError, ImageRecord, read_image
+
+    try:
+        return read_image(ImageRecord(str(path)))
+    except ImageReadError as err:
+        raise ValueError(f"cannot read --image {path}: {err}") from None
+
+
+def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, seed: int, trust_pickle: bool):
     import torch
 
+    from libra_lm.checkpoint import image_tokenizer_for
     from libra_tok import ImageTokenizer
 
     if preset is not None:
         torch.manual_seed(seed)
         return ImageTokenizer(preset)
-    if path is None:
-        if not (model_path / "vqgan.ckpt").is_file():
-            raise ValueError("an --image needs an image tokenizer: pass --tokenizer PATH (a libra-tok folder or the "
-                             "official vqgan.ckpt) or --tokenizer-preset tiny")
-        path = model_path
-    return ImageTokenizer.from_pretrained(path)
+    if path is not None:
+        return ImageTokenizer.from_pretrained(path, trust_pickle=trust_pickle)
+    return image_tokenizer_for(model_path, trust_pickle=trust_pickle,
+                               hint="pass --tokenizer PATH (a libra-tok folder or the official vqgan.ckpt) or "
+                                    "--tokenizer-preset tiny")
 
 
 @main.command("train")

@@ -29,12 +29,16 @@ from libra_tok.fileio import atomic_save_safetensors, atomic_write_json
 from .config import LibraConfig
 
 if TYPE_CHECKING:
+    from libra_tok import ImageTokenizer
+
     from .model import LibraForCausalLM
 
 FORMAT_NAME = "libra-lm"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"  # optional: the image tokenizer (a libra-tok folder) inside an LM folder
+OFFICIAL_TOKENIZER_FILE = "vqgan.ckpt"
 
 # Weight files of an HF-style folder, in order of preference.
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -337,9 +341,63 @@ def recorded_image_tokenizer(path: str | Path) -> dict[str, Any] | None:
     return meta.get("image_tokenizer")
 
 
+def image_tokenizer_for(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    trust_pickle: bool = False,
+    hint: str = "pass the image tokenizer's folder or vqgan.ckpt to ImageTokenizer.from_pretrained",
+) -> "ImageTokenizer":
+    """The image tokenizer of an LM folder, in eval mode on `device` (default CPU):
+
+    - an `image_tokenizer/` sub-folder (a libra-tok folder, or official files) if present;
+    - else, for our folders, the tokenizer recorded in config.json by training
+      (`recorded_image_tokenizer`): its recorded source, or the preset of its architecture with
+      the reproducible random weights of `libra_tok.pipeline.load_tokenizer(preset=...)`;
+    - else the folder's official `vqgan.ckpt` (+ vision_tokenizer_config.yaml), as in the
+      official Libra folders.
+    A recorded tokenizer is checked by its weights digest wherever it is found, so the ids are
+    those the LM was trained on. Otherwise a ValueError/FileNotFoundError ending with `hint`.
+    trust_pickle: allow Python objects besides tensors in a .ckpt (only for files you trust)."""
+    from libra_tok import ImageTokenizer, load_official
+    from libra_tok.pipeline import load_tokenizer_matching
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    meta = read_config_json(folder)
+    kind = detect_format(meta, folder)
+    identity = meta.get("image_tokenizer") if kind == "ours" else None
+    sub = folder / IMAGE_TOKENIZER_DIR
+    device = torch.device(device or "cpu")
+    what = f"the LM in {folder}"
+    if sub.is_dir():
+        if identity is not None:
+            tok = load_tokenizer_matching(identity, sub, device, what=what, hint=hint, trust_pickle=trust_pickle)
+        else:
+            tok = ImageTokenizer.from_pretrained(sub, trust_pickle=trust_pickle)
+    elif identity is not None:
+        tok = load_tokenizer_matching(identity, device=device, what=what, hint=hint, trust_pickle=trust_pickle)
+    elif (folder / OFFICIAL_TOKENIZER_FILE).is_file():
+        tok = load_official(folder, trust_pickle=trust_pickle)
+    elif kind == "official":
+        raise FileNotFoundError(
+            f"{folder} is an official Libra model folder without {OFFICIAL_TOKENIZER_FILE}: put the official "
+            f"image tokenizer in it (vqgan.ckpt and vision_tokenizer_config.yaml of YifanXu/libra-vision-tokenizer), "
+            f"or {hint}"
+        )
+    else:
+        raise ValueError(
+            f"{folder} does not name its image tokenizer (no {IMAGE_TOKENIZER_DIR}/ sub-folder, no tokenizer "
+            f"recorded in {CONFIG_FILE}, no {OFFICIAL_TOKENIZER_FILE}); {hint}"
+        )
+    return tok.to(device).eval()
+
+
 __all__ = [
     "CheckpointError",
     "load_pretrained",
+    "image_tokenizer_for",
     "load_weights",
     "save_pretrained",
     "recorded_image_tokenizer",

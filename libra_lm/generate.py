@@ -10,7 +10,10 @@ Rules (official behaviour, reference 2.8 and 4, with its inconsistencies removed
 - a position inside an image (BOI or a patch) yields one code per codebook from the vision
   heads; BOI/EOI are not sampled there: after `num_image_tokens` patches EOI is forced;
 - EOI is always followed by a forced newline (official: only once a cache exists);
-- a row stops at EOS or when its text contains a stop string; finished rows get padding.
+- a row stops at EOS or when its text contains a stop string; finished rows get padding;
+- prompt and answer share the model's context (config.max_position_embeddings): a longer
+  prompt is refused, and generation stops with reason "length" when the context is full
+  (max_new_tokens is clamped to the room left, with a logged warning).
 The image path of generation is reached only by a prompt that ends inside an image (BOI as
 its last token asks for a new image, as the official `<img_gen>`); generated patches get
 zero CLIP features, as the official.
@@ -18,6 +21,8 @@ zero CLIP features, as the official.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 
     from .model import LibraForCausalLM
     from .text import TextTokenizer
+
+log = logging.getLogger("libra_lm.generate")
 
 TEMPLATES = ("vicuna_v1", "raw")
 # conv_vicuna_v1 (official libra/data/datasets/conversation.py, reference 2.12).
@@ -192,16 +199,27 @@ def check_text_tokenizer(text_tokenizer: "TextTokenizer", config: LibraConfig) -
 
 
 # ---- sampling -------------------------------------------------------------------------------------
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    """ValueError unless temperature is finite and >= 0, top_p in (0, 1] and top_k >= 0
+    (NaN fails every comparison, so each bound is written to reject it)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not top_k >= 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+
+
 def sample_logits(
     logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One id per row of logits (..., V): argmax when temperature <= 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k ids and the top_p nucleus."""
-    if temperature <= 0:
+    """One id per row of logits (..., V): argmax when temperature is 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k ids and the top_p nucleus
+    (see check_sampling for the valid values)."""
+    check_sampling(temperature, top_p, top_k)
+    if temperature == 0:
         return logits.argmax(-1)
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     shape = logits.shape[:-1]
     logits = logits.reshape(-1, logits.shape[-1]).float() / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -247,10 +265,16 @@ def generate(
     text_tokenizer: "TextTokenizer | None" = None,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    """Continue left-padded prompts (see `collate`) by up to `max_new_tokens` tokens."""
+    """Continue left-padded prompts (see `collate`) by up to `max_new_tokens` tokens.
+
+    Prompt and answer must fit the model's context (config.max_position_embeddings): a prompt
+    with more real tokens is a ValueError; otherwise max_new_tokens is clamped to the room the
+    longest prompt leaves (a logged warning says so) and rows still running when the context is
+    full stop with reason "length". temperature 0 is greedy (see check_sampling)."""
     cfg = model.config
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_p, top_k)
     if stop_strings and text_tokenizer is None:
         raise ValueError("stop_strings need a text_tokenizer to decode the generated text")
     device = model.device
@@ -261,6 +285,15 @@ def generate(
     attention_mask = attention_mask.to(device)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+    prompt_length = int(attention_mask.sum(1).max())  # positions count real tokens only
+    context = cfg.max_position_embeddings
+    if prompt_length > context:
+        raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {context} "
+                         f"(max_position_embeddings); shorten the prompt")
+    if prompt_length + max_new_tokens > context:
+        log.warning("max_new_tokens %d does not fit the model's context of %d tokens after a prompt of %d: "
+                    "generating %d at most", max_new_tokens, context, prompt_length, context - prompt_length)
+        max_new_tokens = context - prompt_length
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     feats = clip_features.to(device, model.dtype) if clip_features is not None else None
 
@@ -396,6 +429,7 @@ __all__ = [
     "build_prompt",
     "concat_segments",
     "collate",
+    "check_sampling",
     "sample_logits",
     "generate",
     "chat",

@@ -26,13 +26,15 @@ def _build_tower(clip_model: str, quick_gelu: bool) -> nn.Module:
     return _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=quick_gelu)
 
 
-def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = True) -> dict:
+def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = True, *,
+                               trust_pickle: bool = False) -> dict:
     """Vision-tower weights in open_clip naming from an open_clip tag, a file or an HF folder.
 
     Accepted sources: an open_clip pretrained tag (e.g. "openai"; open_clip fetches or reads
     its cache), a state-dict file (open_clip full model or visual tower, HF CLIPModel or
     CLIPVisionModel, or an official Libra vqgan.ckpt) as .safetensors/.bin/.pt/.ckpt, or an
-    HF CLIP folder holding model.safetensors or pytorch_model.bin.
+    HF CLIP folder holding model.safetensors or pytorch_model.bin. trust_pickle: allow Python
+    objects besides tensors in a pickled file (only for files you trust).
     """
     from .checkpoint import clip_state_dict_to_open_clip, read_state_dict
 
@@ -41,13 +43,14 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
         for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                      "open_clip_pytorch_model.bin"):
             if (path / name).is_file():
-                return clip_state_dict_to_open_clip(read_state_dict(path / name), source=str(path / name))
+                state = read_state_dict(path / name, trust_pickle=trust_pickle)
+                return clip_state_dict_to_open_clip(state, source=str(path / name))
         raise FileNotFoundError(
             f"CLIP folder {path} holds no model.safetensors, pytorch_model.bin or "
             f"open_clip_pytorch_model.bin; point --clip-weights at the weights file instead"
         )
     if path.is_file():
-        return clip_state_dict_to_open_clip(read_state_dict(path), source=str(path))
+        return clip_state_dict_to_open_clip(read_state_dict(path, trust_pickle=trust_pickle), source=str(path))
     if any(sep in source for sep in ("/", "\\")) or path.suffix in (".bin", ".pt", ".pth", ".safetensors", ".ckpt"):
         raise FileNotFoundError(f"CLIP weights file {source} does not exist")
 
@@ -67,9 +70,12 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
 
 
 class ClipFeatureEncoder(nn.Module):
-    """Frozen CLIP ViT -> (B, grid*grid, width * len(feature_layers)) patch features."""
+    """Frozen CLIP ViT -> (B, grid*grid, width * len(feature_layers)) patch features.
 
-    def __init__(self, config: TokenizerConfig, load_weights: bool = True):
+    load_weights: load config.clip_pretrained (if set); trust_pickle: allow Python objects
+    besides tensors in that file (only for files you trust)."""
+
+    def __init__(self, config: TokenizerConfig, load_weights: bool = True, *, trust_pickle: bool = False):
         super().__init__()
         tower = _build_tower(config.clip_model, config.clip_quick_gelu)
         num_blocks = len(tower.transformer.resblocks)
@@ -88,7 +94,8 @@ class ClipFeatureEncoder(nn.Module):
         # Drop blocks after the last feature layer, the final LayerNorm and the projection.
         tower.prune_intermediate_layers(self.block_indices, prune_norm=True, prune_head=True)
         if load_weights and config.clip_pretrained is not None:
-            state = pretrained_clip_state_dict(config.clip_model, config.clip_pretrained, config.clip_quick_gelu)
+            state = pretrained_clip_state_dict(config.clip_model, config.clip_pretrained, config.clip_quick_gelu,
+                                               trust_pickle=trust_pickle)
             state = {k: v for k, v in state.items() if k in tower.state_dict()}
             tower.load_state_dict(state, strict=True)
         self.tower = tower

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import CheckpointError, load_official, load_tokenizer_state
+from .checkpoint import CheckpointError, load_official, load_tokenizer_state, read_state_dict
 from .config import TokenizerConfig
 from .decoder import Decoder
 from .encoder import ClipFeatureEncoder
@@ -59,13 +59,48 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); save the tokenizer again") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not a tokenizer config")
+    return meta
+
+
+def _read_path(path: str | Path) -> Image.Image:
+    from .data import ImageReadError, ImageRecord, read_image
+
+    try:
+        return read_image(ImageRecord(str(path)))
+    except ImageReadError as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def _lm_folder_kind(meta: dict) -> str | None:
+    """"a libra-lm" / "an official Libra" / "an HF LLaMA" when a config.json is a language
+    model's (libra_lm.checkpoint.detect_format), else None."""
+    architectures = meta.get("architectures") or []
+    if meta.get("format") == "libra-lm":
+        return "a libra-lm"
+    if meta.get("model_type") == "libra" or "LibraForCausalLM" in architectures:
+        return "an official Libra"
+    if meta.get("model_type") == "llama" or "LlamaForCausalLM" in architectures:
+        return "an HF LLaMA"
+    return None
+
+
 class ImageTokenizer(nn.Module):
-    def __init__(self, config: TokenizerConfig | str, load_clip_weights: bool = True):
+    def __init__(self, config: TokenizerConfig | str, load_clip_weights: bool = True, *, trust_pickle: bool = False):
+        """A tokenizer of `config` (or preset name): CLIP weights from config.clip_pretrained
+        when load_clip_weights (trust_pickle: allow Python objects besides tensors in that
+        file, only for files you trust), the rest randomly initialised."""
         super().__init__()
         if isinstance(config, str):
             config = TokenizerConfig.from_preset(config)
         self.config = config
-        self.encoder = ClipFeatureEncoder(config, load_weights=load_clip_weights)
+        self.encoder = ClipFeatureEncoder(config, load_weights=load_clip_weights, trust_pickle=trust_pickle)
         self.quantizer = Quantizer(config, self.encoder.feature_dim)
         self.decoder = Decoder(config)
 
@@ -86,10 +121,17 @@ class ImageTokenizer(nn.Module):
         cls, path: str | Path, device: str | torch.device | None = None, *, trust_pickle: bool = False
     ) -> "ImageTokenizer":
         """Load a folder written by `save_pretrained`, or an official Libra `vqgan.ckpt`
-        (the file or its folder; see `libra_tok.checkpoint.load_official`)."""
+        (the file or a folder holding it, an official Libra LM folder included; see
+        `libra_tok.checkpoint.load_official`). trust_pickle: allow Python objects besides
+        tensors in a .ckpt pickle (only for files you trust)."""
         path = Path(path).expanduser()
         if (path / CONFIG_FILE).is_file():
-            model = cls._load_ours(path)
+            meta = _read_config(path / CONFIG_FILE)
+            if meta.get("format") != FORMAT_NAME and (path / "vqgan.ckpt").is_file():
+                # An official Libra LM folder: the LM's config.json beside the tokenizer's files.
+                model = load_official(path, trust_pickle=trust_pickle)
+            else:
+                model = cls._load_ours(path, meta)
         elif path.is_file() or (path / "vqgan.ckpt").is_file():
             model = load_official(path, trust_pickle=trust_pickle)
         else:
@@ -100,11 +142,14 @@ class ImageTokenizer(nn.Module):
         return model.to(device) if device is not None else model
 
     @classmethod
-    def _load_ours(cls, folder: Path) -> "ImageTokenizer":
-        from safetensors.torch import load_file
-
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+    def _load_ours(cls, folder: Path, meta: dict) -> "ImageTokenizer":
         if meta.get("format") != FORMAT_NAME or "config" not in meta:
+            lm_kind = _lm_folder_kind(meta)
+            if lm_kind is not None:
+                raise CheckpointError(
+                    f"{folder} is {lm_kind} model folder, not an image tokenizer; pass the image tokenizer's own "
+                    f"folder or vqgan.ckpt (the tokenizer an LM folder names: libra_lm.checkpoint.image_tokenizer_for)"
+                )
             raise CheckpointError(
                 f"{folder / CONFIG_FILE} is not a libra-tok config (format {meta.get('format')!r}); "
                 f"expected format {FORMAT_NAME!r} with a 'config' section"
@@ -118,7 +163,7 @@ class ImageTokenizer(nn.Module):
         if not weights.is_file():
             raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
         model = cls.empty(TokenizerConfig.from_dict(meta["config"]))
-        load_tokenizer_state(model, load_file(str(weights)), str(weights))
+        load_tokenizer_state(model, read_state_dict(weights), str(weights))
         return model
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -163,9 +208,11 @@ class ImageTokenizer(nn.Module):
 
     # ---- the pipeline ----------------------------------------------------------------------
     def preprocess(self, images: Iterable[Image.Image | str | Path], pad_mode: str | None = None) -> torch.Tensor:
-        """PIL images (or paths) -> (B, 3, R, R) CLIP-normalised float32 on the CPU."""
+        """PIL images (or paths) -> (B, 3, R, R) CLIP-normalised float32 on the CPU. A path that
+        is not a readable image is a ValueError naming it and the reason (libra_tok.data.read_image)."""
         if isinstance(images, (Image.Image, str, Path)):
             images = [images]
+        images = [_read_path(item) if isinstance(item, (str, Path)) else item for item in images]
         cfg = self.config
         return preprocess_images(images, cfg.resolution, pad_mode or cfg.pad_mode, cfg.image_mean, cfg.image_std)
 

@@ -115,7 +115,7 @@ def test_wrong_files_are_explained(tmp_path, official):
 
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match=r"not a torch checkpoint or safetensors file: it looks like text \('hello'\)"):
         load_official(text, config="tiny")
 
     extra = tmp_path / "extra.ckpt"
@@ -272,3 +272,117 @@ def test_convert_official_cli(official, tmp_path, tiny_pixels):
     assert bad.exit_code == 1 and bad.output.startswith("Error: ") and "does not fit the model" in bad.output
     info = CliRunner().invoke(main, ["info", str(tmp_path / "converted")])
     assert info.exit_code == 0 and "8x8 = 64 tokens at 112 px" in info.output
+
+
+# ---- files that are not checkpoints, damaged files, LM folders -------------------------------
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + bytes(64)
+
+
+@pytest.mark.parametrize("content, looks_like", [
+    (PNG_BYTES, "a PNG image"),
+    (b"", "an empty file"),
+    (bytes(range(256)) * 4, "binary data starting with 00 01 02 03"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n", "a Git LFS pointer"),
+    (pickle.dumps({"a": 1}), "a Python pickle that torch.save did not write"),
+], ids=["png", "empty", "binary", "git-lfs", "plain-pickle"])
+def test_files_that_are_not_checkpoints_get_no_pickle_hint(tmp_path, content, looks_like):
+    path = tmp_path / "vqgan.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_official(path, config="tiny")
+    message = str(info.value)
+    assert message.startswith(f"{path} is not a torch checkpoint or safetensors file: it looks like {looks_like}")
+    assert "trust" not in message and "Python objects" not in message
+
+
+def test_pickle_hint_only_for_real_torch_pickles(tmp_path, official):
+    _, _, _, sd = official
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": sd, "callbacks": Opaque()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"contains Python objects besides tensors.*Opaque.*trust_pickle=True "
+                                              r"\(command line: --trust-pickle\)"):
+        load_official(legacy, config="tiny")
+    assert isinstance(load_official(legacy, config="tiny", trust_pickle=True), ImageTokenizer)
+
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": sd}, whole)
+    data = whole.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{truncated} is a damaged or truncated torch checkpoint") as info:
+        load_official(truncated, config="tiny")
+    assert "trust" not in str(info.value)
+    legacy_cut = tmp_path / "legacy_cut.ckpt"
+    legacy_cut.write_bytes(legacy.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=rf"{legacy_cut} is a damaged or truncated torch checkpoint"):
+        load_official(legacy_cut, config="tiny")
+
+
+def test_garbage_or_truncated_safetensors_names_the_file(tiny_tok, tmp_path):
+    folder = tiny_tok.save_pretrained(tmp_path / "tok")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: a damaged or truncated safetensors file"):
+        ImageTokenizer.from_pretrained(folder)
+    weights.write_bytes(b"garbage" * 100)
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: it looks like text \('garbagegarbage"):
+        ImageTokenizer.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{folder / 'config.json'} is not valid JSON"):
+        ImageTokenizer.from_pretrained(folder)
+
+
+def test_formats_are_recognised_whatever_the_name(tiny_tok, tmp_path):
+    from safetensors.torch import save_file
+
+    from libra_tok.checkpoint import read_state_dict
+
+    state = {k: v.contiguous() for k, v in tiny_tok.state_dict().items()}
+    save_file(state, tmp_path / "weights.bin")
+    loaded = read_state_dict(tmp_path / "weights.bin")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save(state, tmp_path / "pickled.safetensors")
+    with pytest.raises(CheckpointError, match=r"pickled.safetensors: it looks like a torch checkpoint \(zip archive\), "
+                                              r"not a safetensors file"):
+        read_state_dict(tmp_path / "pickled.safetensors")
+
+
+def write_official_tokenizer_files(folder, state_dict, monkeypatch):
+    """vqgan.ckpt + vision_tokenizer_config.yaml of the tiny architecture in `folder` (the
+    yaml's encoder name is made known to the loader, which only knows ViT-L-14-336)."""
+    from libra_tok import checkpoint
+
+    monkeypatch.setitem(checkpoint._OFFICIAL_CLIP_NAMES, "libra-tiny-vit", "libra-tiny-vit")
+    cfg = TokenizerConfig.from_preset("tiny")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state_dict, "global_step": 1}, folder / "vqgan.ckpt")
+    (folder / "vision_tokenizer_config.yaml").write_text(yaml.safe_dump({
+        "params": {"embed_dim": cfg.embed_dim, "codebook_size": 512, "num_codebook": 2,
+                   "ddconfig": {"encoder_name": "libra-tiny-vit", "select_layer": list(cfg.feature_layers),
+                                "z_channels": cfg.z_channels, "resolution": cfg.resolution, "ch": cfg.ch,
+                                "ch_mult": list(cfg.ch_mult), "num_res_blocks": cfg.num_res_blocks,
+                                "attn_resolutions": list(cfg.attn_resolutions),
+                                "num_attn_head": cfg.num_attn_heads}}}))
+    return folder
+
+
+def test_from_pretrained_on_lm_folders(official, tmp_path, tiny_pixels, monkeypatch):
+    _, _, ref, sd = official
+    # An official Libra LM folder: the LM's config.json beside the tokenizer's files.
+    lm = write_official_tokenizer_files(tmp_path / "libra-11b-chat", sd, monkeypatch)
+    (lm / "config.json").write_text(json.dumps({"architectures": ["LibraForCausalLM"], "model_type": "libra"}))
+    tok = ImageTokenizer.from_pretrained(lm).eval()
+    assert tok.config.clip_model == "libra-tiny-vit"
+    ids = tok.encode(tiny_pixels).ids
+    assert torch.equal(ids, load_official(lm / "vqgan.ckpt", config="tiny").encode(tiny_pixels).ids)
+    torch.testing.assert_close(tok.decode(ids), ref.decode(ids), rtol=1e-5, atol=1e-5)
+
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "config.json").write_text(json.dumps({"format": "libra-lm", "format_version": 1, "config": {}}))
+    with pytest.raises(CheckpointError, match=rf"{ours} is a libra-lm model folder, not an image tokenizer; "):
+        ImageTokenizer.from_pretrained(ours)
+    (ours / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="is an HF LLaMA model folder, not an image tokenizer"):
+        ImageTokenizer.from_pretrained(ours)

@@ -111,3 +111,25 @@ def test_missing_clip_weights_file_is_explained(tmp_path):
     cfg = TokenizerConfig.from_preset("tiny", clip_pretrained=str(tmp_path / "nope.bin"))
     with pytest.raises(FileNotFoundError, match="nope.bin does not exist"):
         ClipFeatureEncoder(cfg)
+
+
+class Opaque:  # an object a weights-only unpickler refuses
+    pass
+
+
+def test_clip_weights_with_python_objects_need_trust(tmp_path, tiny_pixels):
+    from libra_tok import CheckpointError, ImageTokenizer
+
+    hf = hf_tiny_clip()
+    path = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": {"vision_model." + k: v for k, v in hf_vision_state(hf).items()}, "cb": Opaque()}, path)
+    cfg = TokenizerConfig.from_preset("tiny", clip_pretrained=str(path))
+    with pytest.raises(CheckpointError, match="contains Python objects besides tensors.*trust_pickle=True"):
+        ClipFeatureEncoder(cfg)
+    enc = ClipFeatureEncoder(cfg, trust_pickle=True)
+    with torch.no_grad():
+        hidden = hf(pixel_values=tiny_pixels, output_hidden_states=True).hidden_states
+    expected = torch.cat([hidden[k][:, 1:] for k in (1, 2, 3)], -1)
+    torch.testing.assert_close(enc(tiny_pixels), expected, rtol=1e-4, atol=1e-4)
+    tok = ImageTokenizer(cfg, trust_pickle=True)
+    torch.testing.assert_close(tok.encode(tiny_pixels).features, expected, rtol=1e-4, atol=1e-4)

@@ -251,3 +251,94 @@ def test_official_unknown_key_and_unsupported_switch(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"use_2d_rope=True \(released: False\)"):
         LibraForCausalLM.from_pretrained(tmp_path / "b")
+
+
+# ---- damaged weight files ---------------------------------------------------------------------------
+def test_garbage_or_truncated_weights_name_the_file(tmp_path):
+    folder = LibraForCausalLM(TINY).save_pretrained(tmp_path / "lm")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: a damaged or truncated safetensors file"):
+        LibraForCausalLM.from_pretrained(folder)
+    weights.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: it looks like binary data starting with 00 01"):
+        LibraForCausalLM.from_pretrained(folder)
+    weights.unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin is not a torch checkpoint or safetensors file: "
+                                              r"it looks like a PNG image$"):
+        LibraForCausalLM.from_pretrained(folder)
+
+
+# ---- the image tokenizer of an LM folder ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def official_tokenizer():
+    """A tiny tokenizer and its state dict in the official vqgan.ckpt naming."""
+    from libra_tok import ImageTokenizer
+    from test_checkpoint import official_layout
+    from test_encoder import hf_tiny_clip
+
+    torch.manual_seed(7)
+    ref = ImageTokenizer("tiny").eval()
+    return official_layout(hf_tiny_clip(), ref), ref
+
+
+def same_weights(a, b) -> bool:
+    from libra_tok.pipeline import weights_digest
+
+    return weights_digest(a) == weights_digest(b)
+
+
+def test_image_tokenizer_of_an_official_folder(tmp_path, official_tokenizer, monkeypatch, tiny_pixels):
+    from libra_lm.checkpoint import image_tokenizer_for
+    from libra_tok import load_official
+    from test_checkpoint import write_official_tokenizer_files
+
+    sd, ref = official_tokenizer
+    folder = tmp_path / "libra-11b-chat"
+    write_official_folder(folder)
+    with pytest.raises(FileNotFoundError, match=rf"{folder} is an official Libra model folder without vqgan.ckpt"):
+        image_tokenizer_for(folder)
+    write_official_tokenizer_files(folder, sd, monkeypatch)
+    tok = image_tokenizer_for(folder)
+    assert not tok.training and tok.device == torch.device("cpu")
+    assert same_weights(tok, load_official(folder))
+    ids = tok.encode(tiny_pixels).ids
+    torch.testing.assert_close(tok.decode(ids), ref.decode(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_image_tokenizer_of_our_folders(tmp_path, tiny_tok):
+    from libra_lm.checkpoint import image_tokenizer_for
+    from libra_tok import ImageTokenizer
+    from libra_tok.pipeline import load_tokenizer, tokenizer_identity
+
+    model = LibraForCausalLM(TINY)
+    hint = "pass --tokenizer PATH"
+    bare = model.save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match=rf"{bare} does not name its image tokenizer \(no image_tokenizer/ sub-folder, "
+                                         rf"no tokenizer recorded in config.json, no vqgan.ckpt\); {hint}"):
+        image_tokenizer_for(bare, hint=hint)
+
+    # An image_tokenizer/ sub-folder.
+    tiny_tok.save_pretrained(bare / "image_tokenizer")
+    assert same_weights(image_tokenizer_for(bare), tiny_tok)
+
+    # The tokenizer recorded by training: its source folder...
+    source = tiny_tok.save_pretrained(tmp_path / "tok")
+    recorded = model.save_pretrained(tmp_path / "recorded", image_tokenizer=tokenizer_identity(tiny_tok, str(source)))
+    assert same_weights(image_tokenizer_for(recorded), tiny_tok)
+    # ... or, with no source, the preset's reproducible random weights.
+    preset = load_tokenizer(preset="tiny", device="cpu")
+    by_preset = model.save_pretrained(tmp_path / "preset", image_tokenizer=tokenizer_identity(preset, None))
+    assert same_weights(image_tokenizer_for(by_preset), preset)
+
+    # A recorded tokenizer whose weights changed is refused, in the sub-folder too.
+    torch.manual_seed(1)
+    ImageTokenizer("tiny").save_pretrained(source)
+    with pytest.raises(ValueError, match=r"differs from the one of the LM in .*recorded \(weights digest\).*; "
+                                         + hint):
+        image_tokenizer_for(recorded, hint=hint)
+    ImageTokenizer.from_pretrained(source).save_pretrained(recorded / "image_tokenizer")
+    with pytest.raises(ValueError, match="differs from the one of the LM in"):
+        image_tokenizer_for(recorded)

@@ -210,3 +210,52 @@ def test_prompt_checks(text_tok, tiny_tok):
         build_prompt(text_tok, TINY, "hi", template="llama3")
     with pytest.raises(ValueError, match="text tokenizer has .* pieces but the LM's text vocabulary is 300"):
         build_prompt(text_tok, TINY.replace(text_vocab_size=300), "hi")
+
+
+# ---- sampling options and the model's context ----------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    ({"temperature": float("nan")}, r"temperature must be a finite number >= 0 \(0 = greedy\), got nan"),
+    ({"temperature": float("inf")}, r"temperature must be a finite number >= 0 \(0 = greedy\), got inf"),
+    ({"temperature": -0.5}, r"temperature must be a finite number >= 0 \(0 = greedy\), got -0.5"),
+    ({"top_p": float("nan")}, r"top_p must be in \(0, 1\], got nan"),
+    ({"top_p": 0.0, "temperature": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_k": -1}, r"top_k must be >= 0 \(0 = no limit\), got -1"),
+])
+def test_sampling_options_are_validated(options, message):
+    model = random_model(seed=7)
+    ids, feats = mixed_batch(TINY, [[("t", 3)]], seed=9)
+    with pytest.raises(ValueError, match=message):
+        generate(model, ids, feats, max_new_tokens=2, **options)
+    with pytest.raises(ValueError, match=message):
+        sample_logits(torch.zeros(2, 5), **options)
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    cfg = TINY.replace(max_position_embeddings=12)
+    model = random_model(cfg, seed=8)
+    ids, feats = mixed_batch(cfg, [[("t", 13)]], seed=10)
+    with pytest.raises(ValueError, match=r"the prompt has 13 tokens but the model's context is 12 "
+                                         r"\(max_position_embeddings\)"):
+        generate(model, ids, feats, max_new_tokens=1)
+    # Left padding does not count: 12 real tokens fit.
+    mask = torch.ones(1, 13, dtype=torch.long)
+    mask[0, 0] = 0
+    assert generate(model, ids, feats, mask, max_new_tokens=0).stop_reasons == ["length"]
+
+
+def test_generation_stops_at_the_end_of_the_context(caplog):
+    cfg = TINY.replace(max_position_embeddings=12)
+    model = random_model(cfg, seed=8)
+    long, _ = mixed_batch(cfg, [[("t", 9)]], seed=11)
+    short, _ = mixed_batch(cfg, [[("t", 7)]], seed=12)
+    ids, _, mask = collate([Segment(long[0]), Segment(short[0])], cfg)
+    with caplog.at_level("WARNING", logger="libra_lm.generate"):
+        out = generate(model, ids, None, mask, max_new_tokens=10, eos_token_id=-1)
+    # The longest prompt (9 tokens) leaves room for 3 tokens in a context of 12.
+    assert out.sequences.shape == (2, 3, 2) and out.lengths == [3, 3] and out.stop_reasons == ["length", "length"]
+    assert "max_new_tokens 10 does not fit the model's context of 12 tokens after a prompt of 9: generating 3" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="libra_lm.generate"):
+        exact = generate(model, ids, None, mask, max_new_tokens=3, eos_token_id=-1)
+    assert torch.equal(exact.sequences, out.sequences) and not caplog.text

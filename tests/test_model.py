@@ -59,3 +59,19 @@ def test_wrong_id_shapes_are_explained(tiny_tok):
 def test_preset_by_name_and_unknown_preset():
     with pytest.raises(ValueError, match="presets: \\['libra-l336', 'tiny'\\]"):
         ImageTokenizer("huge")
+
+
+def test_unreadable_image_paths_are_named(tiny_tok, asset_images, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(asset_images[0].read_bytes()[:100])  # a truncated PNG
+    with pytest.raises(ValueError, match=rf"cannot read image {broken}: corrupt image"):
+        tiny_tok.preprocess([asset_images[0], broken])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match=rf"cannot read image {text}: not an image"):
+        tiny_tok.preprocess(text)
+    # Readable paths give exactly what PIL images give.
+    from PIL import Image
+
+    with Image.open(asset_images[1]) as image:
+        assert torch.equal(tiny_tok.preprocess([asset_images[1]]), tiny_tok.preprocess([image.copy()]))
