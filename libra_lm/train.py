@@ -40,15 +40,22 @@ from libra_tok.model import autocast_for
 from libra_tok.train import (
     CHECKPOINT_DIR,
     LATEST,
+    METRICS,
+    TRUST_PICKLE_HELP,
     Dist,
     KeyedBatches,
     TrainingDiverged,
+    checkpoint_files,
     holdout_indices,
     load_config_file,
     lr_lambda,
+    read_metrics,
+    resume_state,
     rng_state,
+    saved_options,
     set_rng_state,
     setup_distributed,
+    trim_metrics,
 )
 
 from .config import LibraConfig
@@ -134,6 +141,7 @@ class TrainConfig:
     max_minutes: float | None = _help("stop (with a checkpoint) after this many minutes", default=None)
     seed: int = _help("seed of fresh weights and of the data order", default=42)
     device: str | None = _help("cuda, cpu, ... (default: cuda if available)", default=None)
+    trust_pickle: bool = _help(TRUST_PICKLE_HELP, default=False)
 
     def __post_init__(self) -> None:
         for name in ("data", "image_shards", "val_data"):
@@ -239,7 +247,7 @@ def build_model(cfg: TrainConfig, config: LibraConfig, kind: str, overrides: dic
     if kind == "preset":
         model = LibraForCausalLM(config)
     else:
-        model = LibraForCausalLM.from_pretrained(cfg.init_from, **overrides)
+        model = LibraForCausalLM.from_pretrained(cfg.init_from, trust_pickle=cfg.trust_pickle, **overrides)
     model.frozen_llm = bool(cfg.frozen_llm)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.attn_backend = cfg.attn_backend
@@ -271,7 +279,7 @@ def frozen_fingerprint(model: torch.nn.Module) -> str:
 
 
 # ---- image tokenizer for features ------------------------------------------------------------------
-def resolve_image_tokenizer(images: ShardImages, path: str | None, device: torch.device):
+def resolve_image_tokenizer(images: ShardImages, path: str | None, device: torch.device, trust_pickle: bool = False):
     """The frozen tokenizer that wrote the shards (checked by its weights digest): `path`, else
     the source the shards record, else the matching preset (random weights made reproducibly)."""
     from libra_tok.pipeline import load_tokenizer_matching
@@ -279,8 +287,35 @@ def resolve_image_tokenizer(images: ShardImages, path: str | None, device: torch
     tok = load_tokenizer_matching(
         images.tokenizer, path, device, what="the shards",
         hint="pass the tokenizer used by `libra-tok encode` with --image-tokenizer PATH, re-encode with "
-             "--save-features, or train with --input discrete")
+             "--save-features, or train with --input discrete", trust_pickle=trust_pickle)
     return tok.eval().requires_grad_(False)
+
+
+def _describe_tokenizer(identity: dict[str, Any]) -> str:
+    return f"{identity.get('source') or 'source not recorded'}, weights {str(identity.get('weights_sha256'))[:12]}"
+
+
+def run_image_tokenizer(cfg: TrainConfig, shard_sets: Sequence[ShardImages]) -> dict[str, Any] | None:
+    """The identity of the image tokenizer whose ids a run trains on (recorded in its final
+    folder): that of its shards, else the one its starting folder records (a text-only run
+    keeps it). A starting folder that records one accepts only shards of that tokenizer: its
+    image ids mean nothing under another one. Folders without a record accept any shards."""
+    from .checkpoint import recorded_image_tokenizer
+
+    recorded = recorded_image_tokenizer(cfg.init_from) if cfg.init_from else None
+    if recorded is not None:
+        for images in shard_sets:
+            found = images.tokenizer
+            if (found.get("architecture_hash"), found.get("weights_sha256")) != \
+                    (recorded.get("architecture_hash"), recorded.get("weights_sha256")):
+                source = recorded.get("source")
+                raise ValueError(
+                    f"the shards in {', '.join(images.folders)} were encoded by another image tokenizer "
+                    f"({_describe_tokenizer(found)}) than the one {cfg.init_from} was trained with "
+                    f"({_describe_tokenizer(recorded)}): the model would read ids it never learned; re-encode the "
+                    "images with that tokenizer" + (f" (libra-tok encode --checkpoint {source})" if source else "")
+                    + " or start from a model trained on these shards")
+    return dict(shard_sets[0].tokenizer) if shard_sets else recorded
 
 
 # ---- the loss plot ---------------------------------------------------------------------------------
@@ -381,6 +416,14 @@ class TrainResult:
     plot: Path | None
 
 
+def _check_checkpoint(state: dict[str, Any]) -> str | None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        return f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
+    missing = [k for k in ("step", "batches_seen", "trainable", "optimizer", "scheduler", "rng", "frozen_fingerprint")
+               if k not in state]
+    return f"no {', '.join(missing)}" if missing else None
+
+
 def _all_reduce(values: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         dist.all_reduce(values)
@@ -407,14 +450,10 @@ class Trainer:
         self.images = self._images(cfg.data if cfg.stage == "pretrain" else cfg.image_shards)
         self.lm_config, self.init_kind, self.lm_overrides = lm_config_for(cfg, self.images)
         self.train_data, self.val_data = self._datasets()
+        self.image_tokenizer_identity = run_image_tokenizer(cfg, self.shard_sets)
 
-        ckpt_dir = self.out / CHECKPOINT_DIR
-        latest = ckpt_dir / LATEST
-        if latest.is_file() and not resume:
-            raise FileExistsError(
-                f"{self.out} already holds checkpoints (last: {json.loads(latest.read_text())['file']}); "
-                "pass --resume to continue that run or choose another --out-dir")
-        self.resume_from = (ckpt_dir / json.loads(latest.read_text())["file"]) if (resume and latest.is_file()) else None
+        # Read before any weights are loaded: a damaged checkpoint is reported at once.
+        self.resume_from, resume_state_ = resume_state(self.out, resume, _check_checkpoint)
 
         self.world_batch = cfg.batch_size * cfg.grad_accum * self.d.world
         self.total_steps = cfg.steps if cfg.steps is not None else math.ceil(
@@ -424,7 +463,8 @@ class Trainer:
         self.model = build_model(cfg, self.lm_config, self.init_kind, self.lm_overrides).to(self.device)
         self.fingerprint = frozen_fingerprint(self.model)
         needs_encoder = any(images.needs_encoder for images in self.shard_sets)
-        self.image_tok = resolve_image_tokenizer(self.images, cfg.image_tokenizer, self.device) if needs_encoder else None
+        self.image_tok = (resolve_image_tokenizer(self.images, cfg.image_tokenizer, self.device, cfg.trust_pickle)
+                          if needs_encoder else None)
         self.dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto"
                                                                      and self.device.type == "cuda")) else torch.float32
         self.wrapped = self._wrap()
@@ -440,7 +480,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._id_mismatch_logged = False
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+            self._load_checkpoint(self.resume_from, resume_state_)
 
     # -- setup ----------------------------------------------------------------------------------
     def _text_tokenizer_path(self) -> str:
@@ -528,7 +568,7 @@ class Trainer:
             "step": self.step,
             "batches_seen": self.batches_seen,
             "total_steps": self.total_steps,
-            "config": self.cfg.to_dict(),
+            "config": saved_options(self.cfg),
             "lm_config": self.lm_config.to_dict(),
             "trainable": trainable,
             "optimizer": optimizer,
@@ -545,19 +585,16 @@ class Trainer:
             with atomic_path(ckpt_dir / name) as tmp:
                 torch.save(state, tmp)
             atomic_write_json(ckpt_dir / LATEST, {"file": name, "step": self.step})
-            kept = sorted(ckpt_dir.glob("step-*.pt"))
+            kept = checkpoint_files(ckpt_dir)
             for old in kept[: max(0, len(kept) - max(1, self.cfg.keep_checkpoints))]:
                 old.unlink(missing_ok=True)
         self._barrier()
         self.last_checkpoint = ckpt_dir / name
         return ckpt_dir / name
 
-    def _load_checkpoint(self, path: Path) -> None:
+    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a libra-lm training checkpoint")
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if set(state["trainable"]) != names:
             raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
@@ -576,7 +613,8 @@ class Trainer:
 
     def save_final(self) -> Path:
         """The trained model as a libra-lm folder (config.json + model.safetensors) with the
-        text tokenizer beside it, ready for `libra-lm generate --model`."""
+        text tokenizer beside it, ready for `libra-lm generate --model`; config.json records
+        the image tokenizer of the training ids (`run_image_tokenizer`)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         final = self.out / "final"
@@ -586,9 +624,9 @@ class Trainer:
                 with torch.device("meta"):
                     model = LibraForCausalLM(self.lm_config)
                 model.load_state_dict(state, assign=True)
-                model.save_pretrained(final)
+                model.save_pretrained(final, image_tokenizer=self.image_tokenizer_identity)
         elif self.d.main:
-            self.model.save_pretrained(final)
+            self.model.save_pretrained(final, image_tokenizer=self.image_tokenizer_identity)
         if self.d.main:
             atomic_write_bytes(final / MODEL_FILE, Path(self.text_tokenizer_path).read_bytes())
         self._barrier()
@@ -604,7 +642,7 @@ class Trainer:
         if not self.d.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as fh:  # append-only log; one line per record
+        with open(self.out / METRICS, "a") as fh:  # append-only log (trimmed to the checkpoint on resume)
             fh.write(json.dumps(row) + "\n")
 
     # -- batches --------------------------------------------------------------------------------
@@ -753,7 +791,8 @@ class Trainer:
         last = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "train_config.json", cfg.to_dict())
+            atomic_write_json(self.out / "train_config.json", saved_options(cfg))
+            trim_metrics(self.out / METRICS, self.step)  # rows after the checkpoint are logged again
             log.info("%s: %d samples, %d steps of %d sequences (%d x %d x %d processes), %.1f M of %.1f M parameters "
                      "train", cfg.stage, len(self.train_data), self.total_steps, self.world_batch, cfg.batch_size,
                      cfg.grad_accum, self.d.world, self.model.num_parameters(True) / 1e6, self.model.num_parameters() / 1e6)
@@ -800,9 +839,7 @@ class Trainer:
                 log.info("%d training sample(s) left out (%s)", getattr(data, "num_skipped", len(skipped)),
                          self.out / "skipped_samples.json")
                 atomic_write_json(self.out / "skipped_samples.json", skipped)
-            log_file = self.out / "metrics.jsonl"
-            rows = [json.loads(line) for line in log_file.read_text().splitlines() if line] if log_file.is_file() else []
-            plot = plot_losses(rows, self.out / "loss.png", title=f"Libra LM {cfg.stage}")
+            plot = plot_losses(read_metrics(self.out / METRICS), self.out / "loss.png", title=f"Libra LM {cfg.stage}")
             log.info("stopped at step %d (%s); model written to %s", self.step, stop_reason, final)
         self._barrier()
         return TrainResult(self.out, final, self.step, self.history, self.images_skipped(), plot)
@@ -842,4 +879,5 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
 
 
 __all__ = ["TrainConfig", "Trainer", "TrainResult", "train", "token_losses", "sample_losses", "param_groups",
-           "lm_config_for", "build_model", "resolve_image_tokenizer", "plot_losses", "STAGE_DEFAULTS"]
+           "lm_config_for", "build_model", "resolve_image_tokenizer", "run_image_tokenizer", "plot_losses",
+           "STAGE_DEFAULTS"]

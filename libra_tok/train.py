@@ -7,6 +7,11 @@ The frozen CLIP encoder is never trained; the generator (quantizer + decoder) an
 discriminator each have an AdamW (betas 0.5, 0.9, as the official optimisers). Every random
 choice of the data pipeline is a function of (seed, sample number), so a run resumed from a
 checkpoint continues exactly as an uninterrupted one (bitwise on CPU).
+
+Run-folder machinery shared with `libra_lm.train`: checkpoints hold tensors and plain values
+only and are loaded with weights_only=True (`read_checkpoint`, `resume_state`: a damaged file
+is named together with the previous intact one); metrics.jsonl is trimmed to the checkpoint's
+step when a run resumes (`trim_metrics`) and read tolerantly (`read_metrics`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .config import TokenizerConfig, check_fields
-from .data import ImageRecord, ImageReadError, TrainImages, collate_images, list_images, read_image
-from .fileio import atomic_path, atomic_save_image, atomic_write_json
+from .data import ImageRecord, ImageReadError, TrainImages, collate_images, read_image, scan_inputs
+from .fileio import atomic_path, atomic_save_image, atomic_write_json, atomic_write_text
 from .loss import LossWeights, NLayerDiscriminator, TokenizerLoss
 from .model import ImageTokenizer, autocast_for
 from .metrics import build_lpips, psnr_signed
@@ -42,6 +48,13 @@ log = logging.getLogger("libra_tok.train")
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
+METRICS = "metrics.jsonl"
+# Options that hold for the command that gives them only: they are not saved with the run, so
+# resuming it does not inherit them (e.g. permission to unpickle a file).
+PER_COMMAND_OPTIONS = ("trust_pickle",)
+TRUST_PICKLE_HELP = ("allow Python objects besides tensors when loading --init-from, the image tokenizer or CLIP "
+                     "weights from pickle files (official vqgan.ckpt, pytorch_model.bin): unpickling can run code, "
+                     "so only for files you trust; applies to this command only, never to the run's own checkpoints")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -91,6 +104,7 @@ class TrainConfig:
     max_minutes: float | None = _help("stop (with a checkpoint) after this many minutes", default=None)
     seed: int = _help("seed of initialisation and data order", default=0)
     device: str | None = _help("cuda, cpu, ... (default: cuda if available)", default=None)
+    trust_pickle: bool = _help(TRUST_PICKLE_HELP, default=False)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -253,7 +267,11 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The RNG states as tensors and plain values, so checkpoints load with weights_only=True
+    (numpy's key array would need the unpickler to build an ndarray)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -261,13 +279,196 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)  # ndarray in older checkpoints
+    np.random.set_state((str(kind), keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---- run folders: checkpoints and the metrics log ----------------------------------------------------
+def saved_options(config: Any) -> dict[str, Any]:
+    """The options a run keeps (train_config.json, checkpoints): all but the per-command ones."""
+    return {k: v for k, v in config.to_dict().items() if k not in PER_COMMAND_OPTIONS}
+
+
+def _legacy_rng_globals() -> list:
+    """What checkpoints written before `rng_state` stored numpy's state as a tensor need: the
+    ndarray of that state. These build arrays only; nothing else is allowed."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct]
+
+
+class UnusableCheckpoint(ValueError):
+    """A checkpoint file that cannot be resumed from: damaged, foreign, or refused because it
+    holds Python objects (`refused`); `reason` says why."""
+
+    def __init__(self, path: Path, reason: str, refused: bool = False):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason, self.refused = path, reason, refused
+
+
+CheckpointCheck = Callable[[dict[str, Any]], "str | None"]  # a problem of a loaded state, or None
+
+
+def _error_text(exc: BaseException) -> str:
+    """The informative line of a torch.load error (its wrapper text dropped), shortened."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    line = line.split(". This is an internal")[0]  # miniz's advice that follows the cause
+    line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def read_checkpoint(path: Path, validate: CheckpointCheck | None = None) -> dict[str, Any]:
+    """A training checkpoint, loaded with weights_only=True: tensors and plain values only,
+    nothing that unpickling could run. `validate(state)` returns a problem or None. A damaged,
+    foreign or unsafe file raises UnusableCheckpoint with the reason."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise UnusableCheckpoint(path, "empty file")
+    try:
+        with torch.serialization.safe_globals(_legacy_rng_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (MemoryError, PermissionError):
+        raise  # not the file's fault
+    except pickle.UnpicklingError as exc:
+        try:
+            allowed = {f"{g.__module__}.{g.__qualname__}" for g in _legacy_rng_globals()}
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+        except Exception:  # too damaged to list what it refers to
+            unsafe = []
+        if unsafe:
+            raise UnusableCheckpoint(path, f"it holds Python objects besides tensors ({', '.join(unsafe[:3])}), which "
+                                     "training checkpoints never contain, and unpickling them could run code",
+                                     refused=True) from None
+        raise UnusableCheckpoint(path, _error_text(exc)) from None
+    except Exception as exc:  # a truncated zip, bytes that are no pickle, ...: torch raises many kinds
+        raise UnusableCheckpoint(path, _error_text(exc)) from None
+    problem = "not a dict" if not isinstance(state, dict) else (validate(state) if validate else None)
+    if problem:
+        raise UnusableCheckpoint(path, f"not a training checkpoint of this trainer: {problem}")
+    return state
+
+
+def checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """The step-*.pt files of a run, oldest first."""
+    return sorted(ckpt_dir.glob("step-*.pt"))
+
+
+def _latest_name(ckpt_dir: Path) -> str | None:
+    try:
+        name = json.loads((ckpt_dir / LATEST).read_text())["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name and Path(name).name == name else None
+
+
+def _newest_intact(files: Sequence[Path], validate: CheckpointCheck | None) -> tuple[Path, dict[str, Any]] | None:
+    for path in reversed(files):
+        try:
+            return path, read_checkpoint(path, validate)
+        except UnusableCheckpoint:
+            continue
+    return None
+
+
+def resume_state(out_dir: str | Path, resume: bool,
+                 validate: CheckpointCheck | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+    """(checkpoint, its state) a run in `out_dir` continues from; (None, None) for a fresh run.
+
+    Without `resume`, a folder holding checkpoints is refused (FileExistsError). With it, the
+    file latest.json names is loaded; if it is gone, the newest intact step-*.pt (logged).
+    A damaged or unsafe file stops with a ValueError that names it and the previous intact
+    checkpoint, if any."""
+    ckpt_dir = Path(out_dir) / CHECKPOINT_DIR
+    files = checkpoint_files(ckpt_dir)
+    named = _latest_name(ckpt_dir)
+    has_latest = (ckpt_dir / LATEST).exists()
+    if not resume:
+        if has_latest or files:
+            last = named or (files[-1].name if files else LATEST)
+            raise FileExistsError(f"{out_dir} already holds checkpoints (last: {last}); pass --resume to continue "
+                                  "that run or choose another --out-dir")
+        return None, None
+    if named is not None and (ckpt_dir / named).is_file():
+        path = ckpt_dir / named
+        try:
+            return path, read_checkpoint(path, validate)
+        except UnusableCheckpoint as err:
+            older = [f for f in files if f.name < path.name]
+            intact = _newest_intact(older, validate)
+            problem = (f"{path} is refused: {err.reason}" if err.refused else f"{path} is damaged ({err.reason})")
+            if intact is None:
+                raise ValueError(f"{problem}; no intact checkpoint is left: delete {ckpt_dir} to start the run over") \
+                    from None
+            raise ValueError(f"{problem}; {intact[0]} is intact: delete {path.name} to resume from it") from None
+    if not files and not has_latest:
+        log.info("no checkpoint in %s yet: the run starts at step 0", ckpt_dir)
+        return None, None
+    why = f"{LATEST} names {named}, which is missing" if named else f"{LATEST} is missing or unreadable"
+    intact = _newest_intact(files, validate)
+    if intact is None:
+        damaged = f" ({', '.join(f.name for f in files)} cannot be read)" if files else ""
+        raise ValueError(f"{ckpt_dir}: {why}, and no intact checkpoint is left{damaged}; delete {ckpt_dir} to start "
+                         "the run over")
+    log.warning("%s; resuming from %s", why, intact[0])
+    return intact
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line that is not a whole JSON object (the last line of a
+    run killed while writing it) is skipped."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def trim_metrics(path: str | Path, step: int) -> None:
+    """Make a metrics log describe the steps up to `step` (where a run starts or resumes): rows
+    of later steps (logged after the checkpoint, by a run that was then stopped) and partial
+    lines are dropped, the file rewritten atomically. New rows are then appended."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and not (isinstance(row.get("step"), (int, float)) and row["step"] > step):
+            kept.append(line)
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 # ---- the run ------------------------------------------------------------------------------------
+CHECKPOINT_KEYS = ("step", "batches_seen", "trainable", "opt", "sched", "rng")
+
+
+def _check_checkpoint(state: dict[str, Any]) -> str | None:
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    return f"no {', '.join(missing)}" if missing else None
+
+
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -289,17 +490,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
 
         # Data first: an empty or unreadable input fails before any model is built.
+        self.skipped: dict[str, str] = {}  # input -> reason: left out while listing or unreadable when read
         self.records, self.holdout = self._split_data()
-        self.skipped: dict[str, str] = {}
 
-        ckpt_dir = self.out / CHECKPOINT_DIR
-        latest = ckpt_dir / LATEST
-        if latest.is_file() and not resume:
-            raise FileExistsError(
-                f"{self.out} already holds checkpoints (last: {json.loads(latest.read_text())['file']}); "
-                f"pass --resume to continue that run or choose another --out-dir"
-            )
-        self.resume_from = (ckpt_dir / json.loads(latest.read_text())["file"]) if (resume and latest.is_file()) else None
+        # Read before any model is built: a damaged checkpoint is reported at once.
+        self.resume_from, resume_state_ = resume_state(self.out, resume, _check_checkpoint)
 
         # LPIPS weights are read from disk (never downloaded): a missing file fails here, early.
         perceptual = (build_lpips(config.perceptual_net, config.weights_dir, device=self.device)
@@ -338,17 +533,25 @@ class Trainer:
         self.batches_seen = 0
         self.history: list[dict[str, Any]] = []
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+            self._load_checkpoint(self.resume_from, resume_state_)
 
     # -- setup ------------------------------------------------------------------------------
     def _split_data(self) -> tuple[list[ImageRecord], list[ImageRecord]]:
         cfg = self.cfg
         if not cfg.data:
             raise ValueError("no training data given: pass image folders, file lists or tar shards")
-        records = list_images(cfg.data)
+        scan = scan_inputs(cfg.data)
+        for row in scan.skipped:
+            self.skipped[ImageRecord(row["source"], row.get("member")).name] = row["reason"]
+        if scan.skipped:
+            log.warning("%d input(s) left out while listing the data (listed in skipped_images.json), e.g. %s: %s",
+                        len(scan.skipped), scan.skipped[0]["source"], scan.skipped[0]["reason"])
+        records = scan.records
         if not records:
+            skipped = (f"; {len(scan.skipped)} input(s) left out, e.g. {scan.skipped[0]['source']}: "
+                       f"{scan.skipped[0]['reason']}") if scan.skipped else ""
             raise ValueError(f"no images found in {', '.join(cfg.data)} (searched recursively for "
-                             f".jpg .jpeg .png .webp .bmp .gif .tif .tiff and .tar shards)")
+                             f".jpg .jpeg .png .webp .bmp .gif .tif .tiff and .tar shards){skipped}")
         probe = records[: min(16, len(records))]
         reasons = []
         for rec in probe:
@@ -368,7 +571,10 @@ class Trainer:
         base = self.out / "init_tokenizer"
         if self.resume_from is not None and (base / "config.json").is_file():
             return ImageTokenizer.from_pretrained(base)  # the exact starting CLIP and weights
-        tok = ImageTokenizer.from_pretrained(self.cfg.init_from) if self.cfg.init_from else ImageTokenizer(self._tokenizer_config())
+        if self.cfg.init_from:
+            tok = ImageTokenizer.from_pretrained(self.cfg.init_from, trust_pickle=self.cfg.trust_pickle)
+        else:
+            tok = ImageTokenizer(self._tokenizer_config(), trust_pickle=self.cfg.trust_pickle)  # CLIP weights file
         if self.d.main:
             tok.save_pretrained(base)  # CLIP is frozen: stored once here, not in every checkpoint
         return tok
@@ -378,7 +584,7 @@ class Trainer:
         state = {
             "step": self.step,
             "batches_seen": self.batches_seen,
-            "config": self.cfg.to_dict(),
+            "config": saved_options(self.cfg),
             "trainable": {k: v.detach().cpu() for k, v in self.tok.state_dict().items() if k.startswith(("quantizer.", "decoder."))},
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
@@ -399,14 +605,13 @@ class Trainer:
         with atomic_path(ckpt_dir / name) as tmp:
             torch.save(self._checkpoint_state(), tmp)
         atomic_write_json(ckpt_dir / LATEST, {"file": name, "step": self.step})
-        kept = sorted(ckpt_dir.glob("step-*.pt"))
+        kept = checkpoint_files(ckpt_dir)
         for old in kept[: max(0, len(kept) - max(1, self.cfg.keep_checkpoints))]:
             old.unlink(missing_ok=True)
         self.last_checkpoint = ckpt_dir / name
         return ckpt_dir / name
 
-    def _load_checkpoint(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         missing = self.tok.load_state_dict(state["trainable"], strict=False)
         unexpected_trainable = [k for k in missing.missing_keys if k.startswith(("quantizer.", "decoder."))]
         if unexpected_trainable or missing.unexpected_keys:
@@ -421,7 +626,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.batches_seen = int(state["batches_seen"])
-        self.skipped = dict(state.get("skipped_images", {}))
+        self.skipped.update(state.get("skipped_images", {}))  # those met while training before the checkpoint
         self.last_checkpoint = path
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -431,7 +636,7 @@ class Trainer:
         if not self.d.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as fh:  # append-only log; one line per record
+        with open(self.out / METRICS, "a") as fh:  # append-only log (trimmed to the checkpoint on resume)
             fh.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
@@ -561,7 +766,8 @@ class Trainer:
         self._tb = self._open_tensorboard()
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "train_config.json", cfg.to_dict())
+            atomic_write_json(self.out / "train_config.json", saved_options(cfg))
+            trim_metrics(self.out / METRICS, self.step)  # rows after the checkpoint are logged again
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (self.progress and self.d.main),
@@ -625,4 +831,5 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
 
 
 __all__ = ["TrainConfig", "train", "Trainer", "TrainResult", "TrainingDiverged", "KeyedBatches", "EMA",
-           "lr_lambda", "load_config_file", "split_holdout", "holdout_indices", "rng_state", "set_rng_state"]
+           "lr_lambda", "load_config_file", "split_holdout", "holdout_indices", "rng_state", "set_rng_state",
+           "read_checkpoint", "resume_state", "UnusableCheckpoint", "checkpoint_files", "read_metrics", "trim_metrics", "saved_options"]

@@ -124,7 +124,7 @@ def test_pretraining_loss_falls_and_the_llm_stays_frozen(tmp_path, shard_dirs, s
     assert frozen and all(torch.equal(start[k], final[k]) for k in frozen)
     assert all(not torch.equal(start[k], final[k]) for k in start if "vision" in k and "bridge" not in k)
     # Checkpoints hold only what trains, and optimizer state only for it.
-    ckpt = torch.load(Path(cfg.out_dir) / "checkpoints" / "step-00000024.pt", weights_only=False)
+    ckpt = torch.load(Path(cfg.out_dir) / "checkpoints" / "step-00000024.pt", weights_only=True)
     assert set(ckpt["trainable"]) == set(ckpt["optimizer"]["state"]) == {k for k in start if "vision" in k}
     assert (result.final_model / "tokenizer.model").read_bytes() == Path(sp).read_bytes()
     with Image.open(result.plot) as im:
@@ -166,8 +166,8 @@ def test_resume_is_bitwise_exact(tmp_path, shard_dirs, sp):  # noqa: F811
     assert resumed.step == 6
     a, b = load_file(full.final_model / "model.safetensors"), load_file(resumed.final_model / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ca = torch.load(Path(full.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=False)
-    cb = torch.load(Path(resumed.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=False)
+    ca = torch.load(Path(full.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=True)
+    cb = torch.load(Path(resumed.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=True)
     for name, state in ca["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(value, cb["optimizer"]["state"][name][key]), (name, key)
@@ -415,9 +415,180 @@ def test_two_processes_equal_one_process(tmp_path, shard_dirs, sp, llava_json, p
     # elements; other samples or an unscaled loss would move almost every weight by ~lr.
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert diff.max() < 1e-4 and diff.median() < 1e-7
-    ckpt = torch.load(tmp_path / "multi" / "checkpoints" / "step-00000003.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "multi" / "checkpoints" / "step-00000003.pt", weights_only=True)
     if stage == "pretrain":
         assert all(torch.equal(a[k], b[k]) for k in a if "vision" not in k)  # frozen
         assert set(ckpt["optimizer"]["state"]) == {k for k in a if "vision" in k}
     else:
         assert set(ckpt["optimizer"]["state"]) == set(a)
+
+
+# ---- run folders: checkpoints, metrics, the image tokenizer, options -------------------------------------
+class MarkerPayload:
+    """Pickles to a call of open(marker, "w"): loading the file with a full unpickler creates the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class Opaque:  # an object a weights-only unpickler refuses
+    pass
+
+
+def cli_error(res) -> str:
+    """The one `Error: ...` line of a failed command (and no traceback)."""
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def point_latest_at(out_dir, step):
+    (Path(out_dir) / "checkpoints" / "latest.json").write_text(json.dumps({"file": f"step-{step:08d}.pt", "step": step}))
+
+
+def test_resume_refuses_a_pickled_payload_and_damaged_files(tmp_path, shard_dirs, sp, caplog):  # noqa: F811
+    from cli.lm import main
+
+    cfg = config(tmp_path, shard_dirs[0], sp, steps=6, save_every=2)
+    train(cfg, progress=False, stop_at=4)
+    ckpt = Path(cfg.out_dir) / "checkpoints"
+    last, good = ckpt / "step-00000004.pt", ckpt / "step-00000002.pt"
+    runner = CliRunner()
+    # A payload: refused, never run.
+    original = last.read_bytes()
+    marker = tmp_path / "payload-ran"
+    torch.save({"format": "libra-lm-train", "step": 4, "hook": MarkerPayload(marker)}, last)
+    error = cli_error(runner.invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
+    assert not marker.exists()
+    assert error.startswith(f"Error: {last} is refused: it holds Python objects besides tensors ("), error
+    assert error.endswith(f"; {good} is intact: delete {last.name} to resume from it"), error
+    # A truncated file: named, with the intact one.
+    last.write_bytes(original[: len(original) // 2])
+    error = cli_error(runner.invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
+    assert error.startswith(f"Error: {last} is damaged ("), error
+    assert error.endswith(f"); {good} is intact: delete {last.name} to resume from it"), error
+    # Rerunning without --resume names the folder and the option.
+    error = cli_error(runner.invoke(main, ["train", str(shard_dirs[0]), "--out-dir", cfg.out_dir, "--text-tokenizer",
+                                           str(sp), "--device", "cpu"]))
+    assert error == (f"Error: {cfg.out_dir} already holds checkpoints (last: step-00000004.pt); pass --resume to "
+                     "continue that run or choose another --out-dir")
+    # The offered fix: latest.json names a missing file, the newest intact checkpoint is used.
+    last.unlink()
+    with caplog.at_level("WARNING", logger="libra_tok.train"):
+        result = train(cfg, resume=True, progress=False)
+    assert result.step == 6
+    assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text
+
+
+def test_resume_drops_repeated_and_partial_metric_rows(tmp_path, shard_dirs, sp):  # noqa: F811
+    """A run killed after step 5 (last checkpoint at 4, a half-written metrics line) resumes
+    with exactly one row per step, the rows of an uninterrupted run; the plot is drawn."""
+    kw = dict(steps=6, save_every=2, val_holdout=2, val_every=2)
+    full = train(config(tmp_path / "a", shard_dirs[0], sp, **kw), progress=False)
+    cfg = config(tmp_path / "b", shard_dirs[0], sp, **kw)
+    train(cfg, progress=False, stop_at=5)
+    (Path(cfg.out_dir) / "checkpoints" / "step-00000005.pt").unlink()
+    point_latest_at(cfg.out_dir, 4)
+    with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as fh:
+        fh.write('{"loss": 5.25, "loss_image": 6.')  # killed mid-write
+    result = train(cfg, resume=True, progress=False)
+    rows = metrics(cfg.out_dir)  # every line is whole
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]  # noqa: E731
+    assert strip(rows) == strip(metrics(full.out_dir))
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert result.plot.is_file()
+
+
+def other_tokenizer_shards(tmp_path, image_folder):  # noqa: F811
+    """The captioned images encoded by another tiny tokenizer (other random weights)."""
+    from libra_tok import ImageTokenizer
+    from libra_tok.pipeline import encode_images, load_tokenizer
+
+    torch.manual_seed(123)
+    ImageTokenizer("tiny").save_pretrained(tmp_path / "other-tokenizer")
+    tok = load_tokenizer(tmp_path / "other-tokenizer", device="cpu")
+    encode_images([image_folder], tmp_path / "other-shards", tok, batch_size=5, shard_size=10, num_workers=0,
+                  progress=False, tokenizer_source=str(tmp_path / "other-tokenizer"))
+    return tmp_path / "other-shards"
+
+
+def test_the_image_tokenizer_of_the_shards_is_recorded_and_checked(tmp_path, shard_dirs, sp, image_folder):  # noqa: F811
+    from libra_lm.checkpoint import recorded_image_tokenizer
+
+    pre = train(config(tmp_path / "pre", shard_dirs[0], sp, steps=1), progress=False)
+    recorded = recorded_image_tokenizer(pre.final_model)
+    assert recorded == ShardImages([shard_dirs[0]]).tokenizer
+    assert {"config", "architecture_hash", "weights_sha256", "source"} <= set(recorded)
+    other = other_tokenizer_shards(tmp_path, image_folder)
+    identity = ShardImages([other]).tokenizer
+    sft = dict(stage="sft", init_from=str(pre.final_model), steps=1, batch_size=2, grad_accum=1, num_workers=0,
+               gradient_checkpointing=False, device="cpu")
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"image": "imgs/chelsea.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]}]))
+    expected = (f"the shards in {other} were encoded by another image tokenizer ({tmp_path / 'other-tokenizer'}, weights "
+                f"{identity['weights_sha256'][:12]}) than the one {pre.final_model} was trained with "
+                f"({recorded['source'] or 'source not recorded'}, weights {recorded['weights_sha256'][:12]})")
+    runs = [TrainConfig(data=[str(llava)], image_shards=[str(other)], out_dir=str(tmp_path / "sft"), **sft),
+            TrainConfig(data=[str(other)], init_from=str(pre.final_model), out_dir=str(tmp_path / "more"), steps=1,
+                        batch_size=2, grad_accum=1, num_workers=0, device="cpu"),
+            TrainConfig(data=[str(shard_dirs[0])], val_data=[str(other)], init_from=str(pre.final_model),
+                        out_dir=str(tmp_path / "val"), steps=1, batch_size=2, grad_accum=1, num_workers=0, device="cpu")]
+    for cfg in runs[:2]:
+        with pytest.raises(ValueError) as err:
+            Trainer(cfg, progress=False)
+        assert str(err.value).startswith(expected), str(err.value)
+        assert str(err.value).endswith("re-encode the images with that tokenizer or start from a model trained on "
+                                       "these shards"), str(err.value)
+    with pytest.raises(ValueError, match="encoded by another image tokenizer"):
+        Trainer(runs[2], progress=False)
+    # A text-only SFT run keeps the record of its starting point.
+    text_only = tmp_path / "text.json"
+    text_only.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Say hello."},
+                                                         {"from": "gpt", "value": "hello"}]}] * 3))
+    result = train(TrainConfig(data=[str(text_only)], out_dir=str(tmp_path / "text"), **sft), progress=False)
+    assert recorded_image_tokenizer(result.final_model) == recorded
+    # A folder without a record (older, official or HF LLaMA) accepts any shards, and then records theirs.
+    LibraForCausalLM.from_pretrained(pre.final_model).save_pretrained(tmp_path / "plain")
+    shutil.copy(sp, tmp_path / "plain" / "tokenizer.model")
+    sft["init_from"] = str(tmp_path / "plain")
+    result = train(TrainConfig(data=[str(llava)], image_shards=[str(other)], out_dir=str(tmp_path / "sft2"), **sft),
+                   progress=False)
+    assert recorded_image_tokenizer(result.final_model) == identity
+
+
+def test_trust_pickle_reaches_the_loader_and_is_not_saved(tmp_path, shard_dirs, sp):  # noqa: F811
+    """A pytorch_model.bin with a Python object loads only with --trust-pickle, and a resumed run
+    does not inherit the permission from the saved options."""
+    pytest.importorskip("transformers")
+    from cli.lm import main
+    from test_lm_checkpoint import hf_llama
+
+    assert TrainConfig().trust_pickle is False
+    llama = hf_llama(seed=4)
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    llama.config.save_pretrained(folder)
+    torch.save({**llama.state_dict(), "extra": Opaque()}, folder / "pytorch_model.bin")
+    shutil.copy(sp, folder / "tokenizer.model")
+    out = tmp_path / "run"
+    args = ["train", str(shard_dirs[0]), "--init-from", str(folder), "--out-dir", str(out), "--steps", "2",
+            "--save-every", "1", "--batch-size", "2", "--grad-accum", "1", "--num-workers", "0", "--device", "cpu",
+            "--no-gradient-checkpointing"]
+    runner = CliRunner()
+    error = cli_error(runner.invoke(main, args))
+    assert str(folder / "pytorch_model.bin") in error
+    res = runner.invoke(main, args + ["--trust-pickle", "--steps", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "train_config.json").read_text()).get("trust_pickle", False) is False
+    # Resuming rebuilds the frozen weights from the folder: the permission must be given again.
+    error = cli_error(runner.invoke(main, ["train", "--out-dir", str(out), "--resume", "--steps", "2"]))
+    assert str(folder / "pytorch_model.bin") in error
+    res = runner.invoke(main, ["train", "--out-dir", str(out), "--resume", "--steps", "2", "--trust-pickle"])
+    assert res.exit_code == 0, res.output
+    assert "trained 2 steps" in res.output

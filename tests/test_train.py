@@ -70,8 +70,8 @@ def test_resume_is_bitwise_exact(tmp_path):
     a, b = trainable(full.final_tokenizer), trainable(resumed.final_tokenizer)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ca = torch.load(Path(full.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=False)
-    cb = torch.load(Path(resumed.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=False)
+    ca = torch.load(Path(full.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=True)
+    cb = torch.load(Path(resumed.out_dir) / "checkpoints" / "step-00000006.pt", weights_only=True)
     for k in ca["disc"]:
         assert torch.equal(ca["disc"][k], cb["disc"][k]), k
     for k in ca["trainable"]:
@@ -197,3 +197,240 @@ def test_missing_lpips_weights_fail_before_any_model(tmp_path):
     with pytest.raises(MissingWeightsError, match=r"vgg16-397923af\.pth.*--weights-dir"):
         train(cfg, progress=False)
     assert not (tmp_path / "run" / "init_tokenizer").exists()
+
+
+# ---- run folders: checkpoints, metrics, options -----------------------------------------------------
+class MarkerPayload:
+    """Pickles to a call of open(marker, "w"): loading the file with a full unpickler creates the marker."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def cli_error(res) -> str:
+    """The one `Error: ...` line of a failed command (and no traceback)."""
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, res.output
+    return errors[0]
+
+
+def point_latest_at(out_dir, step):
+    (Path(out_dir) / "checkpoints" / "latest.json").write_text(json.dumps({"file": f"step-{step:08d}.pt", "step": step}))
+
+
+def test_checkpoints_load_without_unpickling_objects(tmp_path):
+    """Checkpoints hold tensors and plain values only (weights_only=True loads them), and the
+    RNG states round trip."""
+    import random
+
+    import numpy as np
+
+    from libra_tok.train import rng_state, set_rng_state
+
+    result = train(small_config(tmp_path, steps=2, disc_start=1, save_every=2), progress=False)
+    state = torch.load(Path(result.out_dir) / "checkpoints" / "step-00000002.pt", weights_only=True)
+    assert state["step"] == 2 and {"disc", "ema", "opt", "opt_d", "rng"} <= set(state)
+
+    def draw():
+        return random.random(), random.gauss(0, 1), float(np.random.rand()), np.random.normal(), float(torch.rand(1))
+
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    random.gauss(0, 1), np.random.normal()  # a cached Gaussian in both states
+    path = tmp_path / "rng.pt"
+    torch.save(rng_state(), path)
+    expected = draw()
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    set_rng_state(torch.load(path, weights_only=True))
+    assert draw() == expected
+
+
+def test_resume_refuses_a_pickled_payload(tmp_path):
+    """A checkpoint that asks the unpickler to call a function is refused with one line naming
+    the file; the function never runs."""
+    from cli.tok import main
+
+    cfg = small_config(tmp_path, steps=4, save_every=2)
+    train(cfg, progress=False, stop_at=2)
+    marker = tmp_path / "payload-ran"
+    evil = Path(cfg.out_dir) / "checkpoints" / "step-00000004.pt"
+    torch.save({"step": 4, "batches_seen": 4, "hook": MarkerPayload(marker)}, evil)
+    point_latest_at(cfg.out_dir, 4)
+    res = CliRunner().invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"])
+    error = cli_error(res)
+    assert not marker.exists()
+    assert error.startswith(f"Error: {evil} is refused: it holds Python objects besides tensors (builtins.open") \
+        or error.startswith(f"Error: {evil} is refused: it holds Python objects besides tensors (io.open"), error
+    assert error.endswith(f"{Path(cfg.out_dir) / 'checkpoints' / 'step-00000002.pt'} is intact: delete "
+                          f"{evil.name} to resume from it"), error
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_checkpoint_names_the_intact_one(tmp_path, caplog, damage):
+    from cli.tok import main
+
+    cfg = small_config(tmp_path, steps=6, save_every=2)
+    train(cfg, progress=False, stop_at=4)
+    ckpt = Path(cfg.out_dir) / "checkpoints"
+    last, good = ckpt / "step-00000004.pt", ckpt / "step-00000002.pt"
+    data = last.read_bytes()
+    last.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
+    runner = CliRunner()
+    error = cli_error(runner.invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
+    assert error.startswith(f"Error: {last} is damaged ("), error
+    assert error.endswith(f"); {good} is intact: delete {last.name} to resume from it"), error
+    # Rerunning without --resume names the folder and the option.
+    error = cli_error(runner.invoke(main, ["train", str(ROOT / "assets"), "--out-dir", cfg.out_dir, "--steps", "6"]))
+    assert error == (f"Error: {cfg.out_dir} already holds checkpoints (last: step-00000004.pt); pass --resume to "
+                     "continue that run or choose another --out-dir")
+    # The fix the message offers: latest.json now names a missing file, the newest intact one is used.
+    last.unlink()
+    with caplog.at_level("WARNING", logger="libra_tok.train"):
+        result = train(cfg, resume=True, progress=False)
+    assert result.step == 6
+    assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text
+
+
+def test_damaged_checkpoint_without_an_intact_one(tmp_path):
+    from cli.tok import main
+
+    cfg = small_config(tmp_path, steps=4, save_every=2)
+    train(cfg, progress=False, stop_at=2)
+    only = Path(cfg.out_dir) / "checkpoints" / "step-00000002.pt"
+    only.write_bytes(b"PK\x03\x04 not really a zip")
+    error = cli_error(CliRunner().invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
+    assert error.startswith(f"Error: {only} is damaged (")
+    assert error.endswith(f"); no intact checkpoint is left: delete {only.parent} to start the run over"), error
+
+
+def test_resume_drops_repeated_and_partial_metric_rows(tmp_path):
+    """A run killed after step 5 (last checkpoint at 4, a half-written metrics line) resumes
+    with exactly one row per step, the rows of an uninterrupted run."""
+    from libra_tok.train import read_metrics
+
+    kw = dict(steps=6, save_every=2, disc_start=2)
+    full = train(small_config(tmp_path / "a", **kw), progress=False)
+    cfg = small_config(tmp_path / "b", **kw)
+    train(cfg, progress=False, stop_at=5)
+    (Path(cfg.out_dir) / "checkpoints" / "step-00000005.pt").unlink()
+    point_latest_at(cfg.out_dir, 4)
+    log_file = Path(cfg.out_dir) / "metrics.jsonl"
+    with open(log_file, "a") as fh:
+        fh.write('{"step": 6, "l1": 0.12')  # killed mid-write
+    assert [r["step"] for r in read_metrics(log_file)] == [1, 2, 3, 4, 5]  # the partial line is skipped
+    train(cfg, resume=True, progress=False)
+    rows = [json.loads(line) for line in log_file.read_text().splitlines()]  # every line is whole
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert strip(rows) == strip(read_metrics(Path(full.out_dir) / "metrics.jsonl"))
+
+
+def test_a_fresh_run_starts_a_fresh_metrics_log(tmp_path):
+    """Rows of a run killed before its first checkpoint do not mix with those of its rerun."""
+    cfg = small_config(tmp_path, steps=2)
+    log_file = Path(cfg.out_dir) / "metrics.jsonl"
+    log_file.parent.mkdir(parents=True)
+    log_file.write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n{"step": 3, "lo')
+    train(cfg, progress=False)
+    rows = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] != 9.0
+
+
+def test_resume_from_a_checkpoint_with_numpy_rng_state(tmp_path):
+    """Checkpoints written before the RNG states were stored as tensors still resume."""
+    import random
+
+    import numpy as np
+
+    cfg = small_config(tmp_path, steps=4, save_every=2)
+    train(cfg, progress=False, stop_at=2)
+    path = Path(cfg.out_dir) / "checkpoints" / "step-00000002.pt"
+    state = torch.load(path, weights_only=True)
+    state["rng"] = {"torch": state["rng"]["torch"], "python": random.getstate(), "numpy": np.random.get_state()}
+    torch.save(state, path)
+    assert train(cfg, resume=True, progress=False).step == 4
+
+
+def test_trust_pickle_reaches_the_loader_and_is_not_saved(tmp_path, monkeypatch):
+    """--trust-pickle is passed to the loader of --init-from, and a resumed run does not
+    inherit it from the saved options."""
+    from cli.tok import main
+
+    assert TrainConfig().trust_pickle is False
+    calls = []
+    real = ImageTokenizer.from_pretrained.__func__
+
+    def spy(cls, path, device=None, *, trust_pickle=False):
+        calls.append((Path(path).name, trust_pickle))
+        if Path(path).name == "official.ckpt":
+            torch.manual_seed(0)
+            return ImageTokenizer("tiny")
+        return real(cls, path, device, trust_pickle=trust_pickle)
+
+    monkeypatch.setattr(ImageTokenizer, "from_pretrained", classmethod(spy))
+    official = tmp_path / "official.ckpt"
+    official.write_bytes(b"stand-in")
+    out = tmp_path / "run"
+    args = ["train", str(ROOT / "assets"), "--out-dir", str(out), "--init-from", str(official), "--steps", "2",
+            "--batch-size", "2", "--perceptual-weight", "0", "--disc-start", "-1", "--num-workers", "0",
+            "--holdout", "1", "--device", "cpu", "--save-every", "1"]
+    runner = CliRunner()
+    res = runner.invoke(main, args + ["--trust-pickle"])
+    assert res.exit_code == 0, res.output
+    assert calls == [("official.ckpt", True)]
+    assert json.loads((out / "train_config.json").read_text()).get("trust_pickle", False) is False
+    res = runner.invoke(main, ["train", "--out-dir", str(out), "--resume", "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    assert calls[1:] == [("init_tokenizer", False)]
+
+
+def test_inputs_skipped_while_listing_are_counted_and_listed(tmp_path):
+    """A dangling link and a truncated tar (its intact member is kept) are listed in
+    skipped_images.json with their reason, like unreadable images."""
+    import tarfile
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted((ROOT / "assets").glob("*.png"))[:3]:
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "zz_gone.png").symlink_to(tmp_path / "missing.png")
+    tar = tmp_path / "shard.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name in ("coffee.png", "rocket.jpg"):
+            tf.add(ROOT / "assets" / name, arcname=name)
+    with tarfile.open(tar) as tf:
+        cut = tf.getmembers()[1].offset + 100
+    tar.write_bytes(tar.read_bytes()[:cut])  # cut inside the second member's header
+    result = train(small_config(tmp_path, data=[str(data), str(tar)], steps=2, holdout=0), progress=False)
+    skipped = json.loads((Path(result.out_dir) / "skipped_images.json").read_text())
+    assert set(skipped) == {str(data / "zz_gone.png"), str(tar)}, skipped
+    assert all(reason for reason in skipped.values())
+    assert result.skipped_images == skipped
+    rows = [json.loads(line) for line in (Path(result.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_images"] == 2
+
+
+class Opaque:  # an object a weights-only unpickler refuses
+    pass
+
+
+def test_trust_pickle_reaches_the_clip_weights_loader(tmp_path):
+    """--clip-weights naming a pickle with a Python object trains only with --trust-pickle."""
+    pytest.importorskip("transformers")
+    from cli.tok import main
+    from test_encoder import hf_tiny_clip, hf_vision_state
+
+    clip = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": {"vision_model." + k: v for k, v in hf_vision_state(hf_tiny_clip()).items()},
+                "callbacks": Opaque()}, clip)
+    args = ["train", str(ROOT / "assets"), "--clip-weights", str(clip), "--steps", "1", "--batch-size", "2",
+            "--perceptual-weight", "0", "--disc-start", "-1", "--num-workers", "0", "--holdout", "1", "--device", "cpu"]
+    runner = CliRunner()
+    error = cli_error(runner.invoke(main, args + ["--out-dir", str(tmp_path / "a")]))
+    assert str(clip) in error and "Python objects" in error, error
+    res = runner.invoke(main, args + ["--out-dir", str(tmp_path / "b"), "--trust-pickle"])
+    assert res.exit_code == 0, res.output
