@@ -10,7 +10,10 @@ answer, so N clients keep at most N requests in flight. The in-process rows run
 idles: "model" on preprocessed pixels, "decode+preprocess+model" from the same encoded file
 the clients send, which is the work the server does per request minus HTTP. The last column
 is each row's images/s over the model-only rate (the ceiling); img/pass is the mean number of
-images per forward pass the server ran (its /health counters), i.e. how much batching happened.
+images per forward pass the server ran (its /health counters), i.e. how much batching happened;
+health max is the slowest of the GET /health requests a separate thread sends every 20 ms
+while the clients run (the server keeps parsing and preprocessing off its event loop, so this
+stays in milliseconds under any load).
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ def in_process(tok: ImageTokenizer, data: bytes, batch: int, seconds: float) -> 
     return model, full
 
 
-def load(url: str, data: bytes, clients: int, requests: int) -> tuple[float, np.ndarray, dict]:
-    """`clients` threads share `requests` requests: (requests/s, latencies in ms, stats delta)."""
+def load(url: str, data: bytes, clients: int, requests: int) -> tuple[float, np.ndarray, dict, float]:
+    """`clients` threads share `requests` requests: (requests/s, latencies in ms, stats delta,
+    the slowest /health answer meanwhile in ms)."""
     stats_client = TokenizerClient(url)
     before = stats_client.health()["stats"]
     per_client = [requests // clients + (i < requests % clients) for i in range(clients)]
@@ -88,19 +92,33 @@ def load(url: str, data: bytes, clients: int, requests: int) -> tuple[float, np.
                 errors.append(exc)
             latencies.append((time.perf_counter() - t0) * 1000)
 
+    health: list[float] = []
+    finished = threading.Event()
+
+    def probe() -> None:
+        client = TokenizerClient(url)
+        while not finished.wait(0.02):
+            t0 = time.perf_counter()
+            client.health()
+            health.append((time.perf_counter() - t0) * 1000)
+
     threads = [threading.Thread(target=run, args=(n,)) for n in per_client]
     for t in threads:
         t.start()
+    prober = threading.Thread(target=probe)
     barrier.wait()
     start = time.perf_counter()
+    prober.start()
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    finished.set()
+    prober.join()
     if errors:
         raise RuntimeError(f"{len(errors)} of {requests} requests failed, first: {errors[0]}")
     after = stats_client.health()["stats"]
     delta = {k: after[k] - before[k] for k in ("encode_passes", "images_encoded")}
-    return requests / elapsed, np.asarray(latencies), delta
+    return requests / elapsed, np.asarray(latencies), delta, max(health, default=float("nan"))
 
 
 def main() -> None:
@@ -132,29 +150,31 @@ def main() -> None:
 
     ceiling, full_rate = in_process(tok, data, args.max_batch, args.seconds)
     del tok
-    rows = [("in-process encode (model only)", "-", ceiling, None, None, None),
-            ("in-process decode+preprocess+encode", "-", full_rate, None, None, None)]
+    rows = [("in-process encode (model only)", "-", ceiling, None, None, None, None),
+            ("in-process decode+preprocess+encode", "-", full_rate, None, None, None, None)]
     proc, url = start_server(args)
     try:
         client = TokenizerClient(url)
         for _ in range(8):  # warm-up: first passes, connections, allocator
             client.encode(data)
         for n in (int(c) for c in args.clients.split(",")):
-            rate, lat, delta = load(url, data, n, args.requests)
+            rate, lat, delta, health = load(url, data, n, args.requests)
             per_pass = delta["images_encoded"] / max(delta["encode_passes"], 1)
             rows.append(("HTTP POST /encode", str(n), rate, float(np.percentile(lat, 50)),
-                         float(np.percentile(lat, 99)), per_pass))
+                         float(np.percentile(lat, 99)), per_pass, health))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
-    header = f"{'mode':<38}{'clients':>8}{'img/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'img/pass':>10}{'/ceiling':>10}"
+    header = (f"{'mode':<38}{'clients':>8}{'img/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'img/pass':>10}{'/ceiling':>10}"
+              f"{'health max ms':>15}")
     print(header)
     print("-" * len(header))
-    for name, clients, rate, p50, p99, per_pass in rows:
+    for name, clients, rate, p50, p99, per_pass, health in rows:
         cells = [f"{name:<38}{clients:>8}{rate:>10.1f}"]
         cells.append(f"{p50:>9.1f}{p99:>9.1f}{per_pass:>10.1f}" if p50 is not None else f"{'':>9}{'':>9}{'':>10}")
         cells.append(f"{rate / ceiling:>10.2f}")
+        cells.append(f"{health:>15.1f}" if health is not None else "")
         print("".join(cells))
 
 

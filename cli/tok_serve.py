@@ -16,6 +16,7 @@ DEFAULT_MAX_BODY_MB = 32.0
 DEFAULT_MAX_PIXELS = 1 << 26
 DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_QUEUE = 1024
+DEFAULT_PREPARE_THREADS = 4
 
 
 def _device(name: str) -> str:
@@ -66,8 +67,14 @@ def _device(name: str) -> str:
 @click.option("--max-images", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGES, show_default=True,
               help="Most images (or id grids) in one request (413 beyond).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=DEFAULT_MAX_QUEUE, show_default=True,
-              help="Most images waiting for the model; further requests get 503 (retry later) instead "
-                   "of piling up in memory.")
+              help="Most images in the server at once, from the moment their request has been read until "
+                   "its answer has been sent (preprocessing, waiting for the model, answering); further "
+                   "requests get 503 (retry later) instead of piling up in memory.")
+@click.option("--prepare-threads", type=click.IntRange(min=1), default=DEFAULT_PREPARE_THREADS, show_default=True,
+              help="Threads that parse request bodies, decode and preprocess images and encode answers, "
+                   "off the event loop: at most this many requests are prepared at once, each holding one "
+                   "decoded image (up to --max-pixels) at a time, which bounds the memory preparation takes. "
+                   "More threads keep a fast GPU busier.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow Python objects besides tensors when loading an official .ckpt (unpickling can "
                    "run code: only for files you trust).")
@@ -76,7 +83,7 @@ def _device(name: str) -> str:
 @fail_on_errors
 def serve_command(checkpoint: Path | None, preset: str | None, host: str, port: int, device: str, precision: str,
                   max_batch: int, max_wait_ms: float, max_body_mb: float, max_pixels: int, max_images: int,
-                  max_queue: int, trust_pickle: bool, log_level: str) -> None:
+                  max_queue: int, prepare_threads: int, trust_pickle: bool, log_level: str) -> None:
     """Serve a tokenizer over HTTP: POST /encode, /decode, /reconstruct; GET /health, /info.
 
     \b
@@ -101,7 +108,8 @@ def serve_command(checkpoint: Path | None, preset: str | None, host: str, port: 
     from libra_tok import ImageTokenizer
 
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb, max_pixels=max_pixels,
-                         max_images=max_images, max_queue=max_queue, precision=precision)
+                         max_images=max_images, max_queue=max_queue, precision=precision,
+                         prepare_threads=prepare_threads)
     device = _device(device)
     if checkpoint is not None:
         tok = ImageTokenizer.from_pretrained(checkpoint, trust_pickle=trust_pickle)

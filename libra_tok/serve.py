@@ -12,21 +12,29 @@ Concurrent clients share forward passes: requests only decode and preprocess the
 `max_batch` images wait, no other request is on its way, or the oldest has waited
 `max_wait_ms`. Every bad request is answered with a 4xx and a JSON `{"error": "..."}` that says
 what was wrong; nothing a client sends can stop the server.
+
+The event loop only moves bytes: everything whose cost grows with a request (JSON parsing,
+base64, checking ids, decoding and preprocessing images, PNG and JSON encoding) runs in
+`prepare_threads` preparation threads, in steps that each hold the interpreter briefly, so no
+request, however large, holds up the answers to the others (/health included). What the server
+holds is bounded: bodies by `max_body_mb`, images being prepared by `prepare_threads`, and the
+images of all requests between arrival and answer (pixels, features, answers) by `max_queue`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
+import functools
 import io
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass
@@ -38,7 +46,7 @@ from PIL import Image
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
@@ -62,11 +70,16 @@ class ServeConfig:
     max_body_mb: float = 32.0  # request bodies above this are refused (413)
     max_pixels: int = 1 << 26  # width x height above this is refused before decoding (decompression bombs)
     max_images: int = 64  # images (or id grids) in one request
-    max_queue: int = 1024  # images waiting for the model; beyond this requests get 503 (retry later)
+    # Images in the server at once: being prepared, waiting for the model or being answered
+    # (so their pixels, features and answers); beyond this requests get 503 (retry later).
+    max_queue: int = 1024
     precision: str = "auto"  # model precision, as ImageTokenizer.encode/decode
+    # Threads that parse bodies, decode and preprocess images and encode answers: at most this
+    # many requests are being prepared at once, which bounds the memory that preparation takes.
+    prepare_threads: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_pixels", "max_images", "max_queue"):
+        for name in ("max_batch", "max_pixels", "max_images", "max_queue", "prepare_threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.max_wait_ms >= 0:
@@ -348,36 +361,212 @@ def _flag(value, name: str) -> bool:
     raise ServeError(422, f"{name} must be true or false, got {value!r}")
 
 
-def _b64decode(text, where: str) -> bytes:
-    if not isinstance(text, str):
-        raise ServeError(422, f"{where} must be a base64 string, got {type(text).__name__}")
-    if text.startswith("data:"):  # data URL: data:image/png;base64,....
-        text = text.partition(",")[2]
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)  # line breaks are common
-    except (binascii.Error, ValueError) as exc:
-        raise ServeError(400, f"{where} is not valid base64 ({exc})") from None
+# Everything below runs in a preparation thread, except `read_images` and `_read_body`, which
+# only receive bytes. A thread does not free the event loop while it sits in one long C call
+# (json.loads of 30 MB, one base64 pass over it): the call holds the interpreter throughout.
+# So bodies are checked for size and number of values before json.loads sees them, and long
+# strings (base64 images) and long answers are handled in pieces of _PIECE bytes.
+_PIECE = 1 << 20
+_B64_PIECE = 3 << 18  # raw bytes per piece of a base64 answer: a multiple of 3, 1 MiB of base64
+_LONG_STRING = 1024  # JSON strings this long (base64 images) are cut out before json.loads
+_BYTES_PER_ID = 32  # room per id in a /decode body: digits, separators and indentation
+_JSON_SLACK = 16 << 10  # room in a JSON body for other keys and formatting
+_MAX_DIGITS = 18  # integers in JSON bodies: anything longer cannot be an id or a flag
 
 
-async def _read_json(request: Request):
-    body = await request.body()
+def _parse_int(text: str) -> int:
+    # A Python hook, called for every integer: json.loads then lets other threads run between
+    # numbers, and a 5000-digit number gets a clear answer instead of int()'s ValueError.
+    digits = len(text) - text.startswith("-")
+    if digits > _MAX_DIGITS:
+        raise ServeError(422, f"an integer with {digits} digits is out of range (at most {_MAX_DIGITS} digits)")
+    return int(text)
+
+
+def _refuse_constant(name: str):
+    raise ServeError(400, f"request body is not valid JSON ({name} is not a JSON value; use a number)")
+
+
+def _loads(data: bytes, positions: bool = True):
+    """json.loads for a client's body: every failure is a ServeError (400 unparsable, 422 number
+    out of range); `positions=False` leaves out where the error is (a body with parts cut out)."""
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(data, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ServeError(400, "request body is not valid JSON (nested too deeply)") from None
+    except json.JSONDecodeError as exc:
+        raise ServeError(400, f"request body is not valid JSON ({exc if positions else exc.msg})") from None
+    except UnicodeDecodeError as exc:
         raise ServeError(400, f"request body is not valid JSON ({exc})") from None
+
+
+def _backslash_run_start(body: bytes, low: int, end: int) -> int:
+    """Where the run of backslashes that ends just before body[end] starts (not before `low`);
+    in steps of 64 bytes, so a long run costs little."""
+    while end > low:
+        window = max(low, end - 64)
+        kept = len(body[window:end].rstrip(b"\\"))
+        if kept:
+            return window + kept
+        end = window
+    return low
+
+
+def _closing_quote(body: bytes, start: int) -> int:
+    """The index of the quote that ends the JSON string whose content starts at body[start]
+    (-1 if none): the first quote not escaped, i.e. not after an odd number of backslashes."""
+    quote = body.find(b'"', start)
+    while quote >= 0 and (quote - _backslash_run_start(body, start, quote)) % 2:
+        quote = body.find(b'"', quote + 1)
+    return quote
+
+
+def _cut_long_strings(body: bytes, max_rest: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """A JSON body without its long strings: every string literal of _LONG_STRING bytes or more is
+    replaced by a placeholder that no client can guess, mapped to the (start, end) of the
+    string's content in `body`. The rest is parsed by json.loads at once, the long strings piece
+    by piece (`_string_pieces`). 413 when the rest would be larger than `max_rest` bytes."""
+    if body[:4].count(0) or body[:2] in (b"\xff\xfe", b"\xfe\xff"):  # the scan below reads UTF-8
+        raise ServeError(400, "request body is not valid JSON (send it as UTF-8, not UTF-16 or UTF-32)")
+    quotes = body.count(b'"')  # bounds the loop below (escaped quotes included)
+    if quotes > max_rest:
+        raise ServeError(413, f'the JSON body holds {quotes} quotes (limit {max_rest}): too many strings for '
+                              '{"images": ["<base64>", ...]}')
+    tag = secrets.token_hex(8)
+    parts: list[bytes] = []
+    spans: dict[str, tuple[int, int]] = {}
+    pos = cut = 0  # body[pos:] is not in parts yet; `cut` bytes of strings were left out
+    quote = body.find(b'"')
+    while quote >= 0:
+        close = _closing_quote(body, quote + 1)
+        if close < 0:
+            break  # unterminated: json.loads says so
+        if close - quote - 1 >= _LONG_STRING:
+            name = f"{tag}:{len(spans)}"
+            placeholder = json.dumps(name).encode()
+            parts += [body[pos:quote], placeholder]
+            spans[name] = (quote + 1, close)
+            cut += close + 1 - quote - len(placeholder)
+            pos = close + 1
+        quote = body.find(b'"', close + 1)
+    if len(body) - cut > max_rest:
+        raise _too_much_json(len(body) - cut, max_rest)
+    parts.append(body[pos:])
+    return b"".join(parts), spans
+
+
+def _too_much_json(size: int, limit: int) -> ServeError:
+    return ServeError(413, f'the JSON body holds {size} bytes besides its base64 images (limit {limit}); send '
+                           '{"images": ["<base64>", ...]} and nothing else, or the images as multipart files')
+
+
+def _safe_cut(body: bytes, pos: int, cut: int) -> int:
+    """A position in (pos, cut] that splits no escape sequence of the JSON string text
+    body[pos:...] (pos is not inside one): escapes are at most 6 bytes and start with a backslash,
+    so only backslashes in the last 6 bytes before `cut` matter; cutting where their run starts
+    is safe, as the byte before it ends whatever came before. (A surrogate pair cut in two
+    decodes as two lone surrogates, which matters only for non-ASCII text: never base64.)"""
+    last = body.rfind(b"\\", max(pos, cut - 6), cut)
+    if last < 0:
+        return cut
+    run = _backslash_run_start(body, pos, last + 1)
+    if run > pos:
+        return run
+    # From pos to `last` nothing but backslashes: they pair up into escaped backslashes.
+    return last + 1 if (last + 1 - pos) % 2 == 0 else last
+
+
+def _string_pieces(body: bytes, start: int, end: int) -> Iterator[bytes]:
+    """The content body[start:end] of a JSON string literal, unescaped, in pieces of at most
+    _PIECE bytes, as ASCII (anything else becomes '?')."""
+    if body.find(b"\\", start, end) < 0:  # nothing escaped: the bytes are the text
+        for pos in range(start, end, _PIECE):
+            yield body[pos:min(pos + _PIECE, end)]
+        return
+    pos = start
+    while pos < end:
+        cut = end if end - pos <= _PIECE else _safe_cut(body, pos, pos + _PIECE)
+        yield _loads(b'"' + body[pos:cut] + b'"', positions=False).encode("ascii", "replace")
+        pos = cut
+
+
+def _b64decode(pieces: Iterable[bytes], where: str) -> bytes:
+    """Base64 text given in pieces (whitespace ignored: line breaks are common; a data URL prefix
+    data:...;base64, dropped) -> the bytes, decoded piece by piece as strictly as
+    base64.b64decode(validate=True)."""
+    out: list[bytes] = []
+    carry = b""  # the last len % 4 characters, decoded with the next piece
+    padded = False
+    try:
+        for n, piece in enumerate(pieces):
+            if n == 0 and piece.startswith(b"data:"):  # data URL: data:image/png;base64,....
+                piece = piece.partition(b",")[2]
+            text = carry + b"".join(piece.split())
+            if padded and text:
+                raise binascii.Error("Excess data after padding")
+            whole = len(text) - len(text) % 4
+            out.append(binascii.a2b_base64(text[:whole], strict_mode=True))
+            padded = text[:whole].endswith(b"=")
+            carry = text[whole:]
+        if carry:
+            out.append(binascii.a2b_base64(carry, strict_mode=True))  # raises: not a multiple of 4
+    except binascii.Error as exc:
+        raise ServeError(400, f"{where} is not valid base64 ({exc})") from None
+    return b"".join(out)
 
 
 IMAGE_FORMATS = ('multipart/form-data (one file part per image), application/json '
                  '({"images": ["<base64>", ...]}) or a raw image body (Content-Type image/*)')
 
 
-async def read_images(request: Request, max_images: int) -> tuple[list[tuple[str, bytes]], bool]:
+def parse_images_json(body: bytes, max_images: int) -> tuple[list[tuple[str, bytes]], bool | None]:
+    """A JSON /encode body -> the encoded images as (name, bytes) and its `features` flag (None
+    when absent). Runs in a preparation thread."""
+    rest, spans = _cut_long_strings(body, max_images * _LONG_STRING + _JSON_SLACK)
+    obj = _loads(rest, positions=not spans)
+    if not isinstance(obj, dict) or not ({"images", "image"} & obj.keys()):
+        raise ServeError(422, 'expected a JSON object {"images": ["<base64 image>", ...]} '
+                              '(or {"image": "<base64 image>"})')
+    items = obj["images"] if "images" in obj else [obj["image"]]
+    if not isinstance(items, list):
+        raise ServeError(422, f'"images" must be a list of base64 strings, got {type(items).__name__}')
+    if len(items) > max_images:
+        raise ServeError(413, f"too many images in one request ({len(items)} > max_images {max_images})")
+    images = []
+    for i, item in enumerate(items):
+        where = f"images[{i}]"
+        if not isinstance(item, str):
+            raise ServeError(422, f"{where} must be a base64 string, got {type(item).__name__}")
+        pieces = _string_pieces(body, *spans[item]) if item in spans else [item.encode("ascii", "replace")]
+        images.append((where, _b64decode(pieces, where)))
+    features = _flag(obj["features"], "features") if "features" in obj else None
+    return images, features
+
+
+async def _read_body(request: Request, limit: int, what: str, hint: str) -> list[bytes]:
+    """The body as received, in chunks (joined later, off the event loop); 413 above `limit`
+    bytes, from Content-Length before anything is read, or as soon as more has arrived."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ServeError(413, f"request body too large for {what} ({int(declared)} bytes, limit {limit} bytes); {hint}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServeError(413, f"request body too large for {what} (more than {limit} bytes); {hint}")
+        chunks.append(chunk)
+    return chunks
+
+
+async def read_images(request: Request, max_images: int, run=run_in_threadpool) -> tuple[list[tuple[str, bytes]], bool]:
     """The encoded images of a request as (name, bytes), and whether features were asked for
-    (`?features=true`, or a `features` field of the JSON body or form)."""
+    (`?features=true`, or a `features` field of the JSON body or form). `run(fn, *args)` runs the
+    parsing of a JSON body (in the server: its preparation threads)."""
     features = _flag(request.query_params.get("features", "false"), "features")
     media = _media_type(request)
     images: list[tuple[str, bytes]] = []
     if media == "multipart/form-data":
+        # Parsed as it streams in, a piece at a time; more parts than allowed is a 400.
         form = await request.form(max_files=max_images + 1, max_fields=16)
         try:
             for key, value in form.multi_items():
@@ -388,17 +577,9 @@ async def read_images(request: Request, max_images: int) -> tuple[list[tuple[str
         finally:
             await form.close()
     elif media == "application/json":
-        obj = await _read_json(request)
-        if not isinstance(obj, dict) or not ({"images", "image"} & obj.keys()):
-            raise ServeError(422, 'expected a JSON object {"images": ["<base64 image>", ...]} '
-                                  '(or {"image": "<base64 image>"})')
-        items = obj["images"] if "images" in obj else [obj["image"]]
-        if not isinstance(items, list):
-            raise ServeError(422, f'"images" must be a list of base64 strings, got {type(items).__name__}')
-        if len(items) > max_images:
-            raise ServeError(413, f"too many images in one request ({len(items)} > max_images {max_images})")
-        images = [(f"images[{i}]", _b64decode(item, f"images[{i}]")) for i, item in enumerate(items)]
-        features = _flag(obj.get("features", features), "features")
+        chunks = [chunk async for chunk in request.stream()]  # RequestGuard bounds the size
+        images, flag = await run(lambda: parse_images_json(b"".join(chunks), max_images))
+        features = features if flag is None else flag
     elif media.startswith("image/") or media == "application/octet-stream":
         images = [("", await request.body())]
     else:
@@ -410,32 +591,72 @@ async def read_images(request: Request, max_images: int) -> tuple[list[tuple[str
     return images, features
 
 
+def decode_body_limit(num_tokens: int, num_codebooks: int, max_images: int) -> int:
+    """The largest /decode body accepted: max_images grids, _BYTES_PER_ID bytes per id."""
+    return max_images * num_tokens * num_codebooks * _BYTES_PER_ID + _JSON_SLACK
+
+
+def parse_ids_json(body: bytes, num_tokens: int, num_codebooks: int, codebook_size: int,
+                   max_images: int) -> tuple[torch.Tensor, bool]:
+    """A JSON /decode body -> (B, N, C) int64 ids and whether a single grid was sent. Runs in a
+    preparation thread. Lists and values are counted first: json.loads builds them all in one
+    call, and a body of small lists (`[[],[],...]`) costs far more per byte than ids do."""
+    lists = body.count(b"[") + body.count(b"{")
+    commas = body.count(b",")
+    # at most: an object, the list of grids, max_images grids of N lists of C ids (+ slack for other keys)
+    most_lists = (2 + max_images * (1 + num_tokens)) * 5 // 4 + 64
+    most_commas = max_images * num_tokens * num_codebooks * 5 // 4 + 64
+    if lists > most_lists or commas > most_commas:
+        raise ServeError(413, f"the JSON body holds more values than {max_images} id grids of ({num_tokens}, "
+                              f"{num_codebooks}) can ({lists} lists or objects, {commas} commas); send at most "
+                              f"max_images grids per request")
+    return parse_ids(_loads(body), num_tokens, num_codebooks, codebook_size, max_images)
+
+
+_KINDS = {bool: "booleans", float: "floats", str: "strings", type(None): "nulls", dict: "objects"}
+
+
 def parse_ids(obj, num_tokens: int, num_codebooks: int, codebook_size: int,
               max_images: int) -> tuple[torch.Tensor, bool]:
-    """A JSON `{"ids": ...}` body -> (B, N, C) int64 ids and whether a single grid (N, C) was sent."""
+    """A parsed JSON `{"ids": ...}` body -> (B, N, C) int64 ids and whether a single grid (N, C)
+    was sent."""
     shape = f"({num_tokens}, {num_codebooks}) for one image or (B, {num_tokens}, {num_codebooks}) for several"
     if not isinstance(obj, dict) or "ids" not in obj:
         raise ServeError(422, f'expected a JSON object {{"ids": [[id1, id2], ...]}} with ids of shape {shape}')
+    # dtype=object: numpy finds the nesting, the values are checked here (numpy would turn
+    # [true, 2] into [1, 2] and [1, "2"] into strings)
     try:
-        ids = np.asarray(obj["ids"])
-    except (ValueError, OverflowError) as exc:
+        ids = np.asarray(obj["ids"], dtype=object)
+    except ValueError as exc:
         raise ServeError(422, f"ids must be a rectangular nested list of shape {shape} ({exc})") from None
-    if ids.size and ids.dtype.kind not in "iu":
-        kind = {"f": "floats", "b": "booleans", "U": "strings"}.get(ids.dtype.kind, "non-integer values")
+    kinds = {type(value) for value in ids.flat}
+    if list in kinds:  # lists where numbers should be: rows of different lengths or depths
+        raise ServeError(422, f"ids must be a rectangular nested list of shape {shape}")
+    if kinds - {int}:
+        kind = next((_KINDS[k] for k in _KINDS if k in kinds), "non-integer values")
         raise ServeError(422, f"ids must be integers in [0, {codebook_size}), got {kind}")
     single = ids.ndim == 2
     if single:
         ids = ids[None]
     if ids.ndim != 3 or ids.shape[1:] != (num_tokens, num_codebooks) or len(ids) == 0:
-        raise ServeError(422, f"ids must have shape {shape}, got {tuple(np.shape(obj['ids']))}")
+        got = ids.shape[1:] if single else ids.shape
+        raise ServeError(422, f"ids must have shape {shape}, got {tuple(got)}")
     if len(ids) > max_images:
         raise ServeError(413, f"too many id grids in one request ({len(ids)} > max_images {max_images})")
+    ids = ids.astype(np.int64)  # every value an int of at most _MAX_DIGITS digits
     bad = np.argwhere((ids < 0) | (ids >= codebook_size))
     if len(bad):
         where = tuple(int(i) for i in bad[0][int(single):])
         raise ServeError(422, f"ids must be in [0, {codebook_size}); found {int(ids[tuple(bad[0])])} at index "
                               f"{list(where)} ({len(bad)} out of range)")
-    return torch.from_numpy(ids.astype(np.int64)), single
+    return torch.from_numpy(ids), single
+
+
+# ---- answers ---------------------------------------------------------------------------------
+#
+# Built in a preparation thread as a list of parts: bytes, sent as they are, and memoryviews of
+# raw bytes, base64-encoded a piece at a time while they are sent. A large answer thus never
+# exists twice (raw and base64), nor is it written or encoded in one long step on the event loop.
 
 
 def _png(image: Image.Image) -> bytes:
@@ -444,8 +665,77 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def _json_bytes(obj) -> bytes:
+    """As JSONResponse renders it: compact UTF-8."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def encode_answer(ids: torch.Tensor, sizes: list[list[int]], grid: int,
+                  features: torch.Tensor | None) -> list[bytes | memoryview]:
+    """The /encode answer: ids as nested lists; features as base64 little-endian float16."""
+    body = {"ids": ids.tolist(), "shape": list(ids.shape), "grid": grid, "image_sizes": sizes}
+    if features is None:
+        return [_json_bytes(body)]
+    marker = "@features@"
+    body["features"] = {"dtype": "float16", "byteorder": "little", "shape": list(features.shape), "data": marker}
+    head, tail = _json_bytes(body).split(_json_bytes(marker))
+    raw = np.ascontiguousarray(features.numpy(), dtype="<f2").reshape(-1).view(np.uint8)
+    return [head + b'"', memoryview(raw), b'"' + tail]
+
+
+def decode_answer(images: torch.Tensor) -> list[bytes | memoryview]:
+    """The /decode answer for several images: {"images": ["<base64 PNG>", ...], "format": "png"}."""
+    parts: list[bytes | memoryview] = [b'{"images":[']
+    for i, image in enumerate(images):
+        parts += [b',"' if i else b'"', memoryview(_png(to_pil(image))), b'"']
+    return parts + [b'],"format":"png"}']
+
+
+def _answer_size(parts: list[bytes | memoryview]) -> int:
+    return sum(len(part) if isinstance(part, bytes) else 4 * -(-len(part) // 3) for part in parts)
+
+
+def _b64_piece(data: memoryview) -> bytes:
+    return binascii.b2a_base64(data, newline=False)
+
+
+class _StreamedAnswer(StreamingResponse):
+    """A StreamingResponse that calls `release` once it is over: sent, failed or abandoned."""
+
+    def __init__(self, content, *, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
+class _Admission:
+    """Counts the images of the requests admitted and not answered yet; refuses (503) a request
+    that would take the count above `limit`. Used on the event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def admit(self, count: int) -> Callable[[], None]:
+        """Admit `count` images; the returned release may be called any number of times."""
+        if self.held + count > self.limit:
+            raise ServeError(503, f"server busy: {self.held} images are being processed (max_queue {self.limit}); "
+                                  "retry later")
+        self.held += count
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.held -= count
+
+        return release
 
 
 # ---- the application -------------------------------------------------------------------------
@@ -467,14 +757,50 @@ def create_app(tokenizer: ImageTokenizer, config: ServeConfig | None = None, *, 
     batcher = Batcher(tokenizer, config)
     started = time.monotonic()
     counts = {"requests": 0, "rejected": 0, "failed": 0}
+    decode_limit = decode_body_limit(cfg.num_tokens, cfg.num_codebooks, config.max_images)
+    pool: ThreadPoolExecutor | None = None  # the preparation threads, while the server runs
+    admission = _Admission(config.max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
+        nonlocal pool
+        pool = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="libra-tok-prepare")
         await batcher.start()
         try:
             yield
         finally:
             await batcher.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def offload(fn: Callable, *args):
+        """fn(*args) in a preparation thread. Running out of memory there fails this request
+        alone, with a 503, and frees what it held."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        except MemoryError:
+            log.warning("out of memory while preparing a request")
+            raise ServeError(503, "the server ran out of memory while preparing this request; retry later, "
+                                  "or send fewer or smaller images") from None
+
+    def answer(parts: list[bytes | memoryview], media_type: str, release: Callable[[], None]) -> Response:
+        """A response of answer parts (see encode_answer); sent in pieces of about 1 MB, the
+        base64 of raw parts computed piece by piece in the preparation threads. `release` (of
+        the request's admission) is called once the answer is over."""
+        if len(parts) == 1 and isinstance(parts[0], bytes) and len(parts[0]) <= _PIECE:
+            release()
+            return Response(parts[0], media_type=media_type)
+
+        async def pieces():
+            for part in parts:
+                if isinstance(part, memoryview):
+                    for i in range(0, len(part), _B64_PIECE):
+                        yield await offload(_b64_piece, part[i:i + _B64_PIECE])
+                else:
+                    for i in range(0, len(part), _PIECE):
+                        yield part[i:i + _PIECE]
+
+        return _StreamedAnswer(pieces(), media_type=media_type, headers={"Content-Length": str(_answer_size(parts))},
+                               release=release)
 
     # No generated /docs: the endpoints parse their bodies themselves (multipart, JSON or raw),
     # which OpenAPI would describe wrongly; the README documents the API.
@@ -506,10 +832,11 @@ def create_app(tokenizer: ImageTokenizer, config: ServeConfig | None = None, *, 
     def stats() -> dict:
         passes = batcher.stats["encode_passes"] + batcher.stats["decode_passes"]
         return {**counts, **batcher.stats, "forward_passes": passes, "queued_images": batcher.queued,
-                "incoming_requests": batcher.incoming}
+                "incoming_requests": batcher.incoming, "held_images": admission.held}
 
     def prepare(images: list[tuple[str, bytes]]) -> tuple[torch.Tensor, list[list[int]]]:
-        """Decode and preprocess (in the thread pool): pixels (k, 3, R, R) and original sizes."""
+        """Decode and preprocess (in a preparation thread), one image at a time: pixels
+        (k, 3, R, R) and original sizes."""
         pixels, sizes = [], []
         for i, (name, data) in enumerate(images):
             label = f"image {i}" + (f" ({name})" if name and not name.startswith("images[") else "")
@@ -545,7 +872,8 @@ def create_app(tokenizer: ImageTokenizer, config: ServeConfig | None = None, *, 
             "codebook_size": cfg.codebook_size,
             "feature_dim": cfg.feature_dim,
             "device": str(tokenizer.device),
-            "serve": {**asdict(config), "max_body_bytes": config.max_body_bytes},
+            "serve": {**asdict(config), "max_body_bytes": config.max_body_bytes,
+                      "max_decode_body_bytes": decode_limit},
             "stats": stats(),
         }
 
@@ -554,14 +882,16 @@ def create_app(tokenizer: ImageTokenizer, config: ServeConfig | None = None, *, 
         """Images -> ids (B, N, C) as nested lists; with features=true also the CLIP features
         as base64 little-endian float16 of the given shape."""
         with batcher.expecting():
-            images, want_features = await read_images(request, config.max_images)
-            pixels, sizes = await run_in_threadpool(prepare, images)
-        ids, features = await batcher.encode(pixels, want_features)
-        body = {"ids": ids.tolist(), "shape": list(ids.shape), "grid": cfg.grid_size, "image_sizes": sizes}
-        if features is not None:
-            data = await run_in_threadpool(lambda: _b64(features.numpy().astype("<f2").tobytes()))
-            body["features"] = {"dtype": "float16", "byteorder": "little", "shape": list(features.shape), "data": data}
-        return JSONResponse(body)
+            images, want_features = await read_images(request, config.max_images, offload)
+            release = admission.admit(len(images))
+        try:
+            with batcher.expecting():
+                pixels, sizes = await offload(prepare, images)
+            ids, features = await batcher.encode(pixels, want_features)
+            return answer(await offload(encode_answer, ids, sizes, cfg.grid_size, features), "application/json", release)
+        except BaseException:
+            release()
+            raise
 
     @app.post("/decode")
     async def decode(request: Request):
@@ -570,33 +900,47 @@ def create_app(tokenizer: ImageTokenizer, config: ServeConfig | None = None, *, 
             raise ServeError(415, f'/decode takes application/json {{"ids": [[id1, id2], ...]}}, got '
                                   f'{_media_type(request) or "(none)"!r}')
         with batcher.expecting():
-            ids, single = parse_ids(await _read_json(request), cfg.num_tokens, cfg.num_codebooks,
-                                    cfg.codebook_size, config.max_images)
-        images = await batcher.decode(ids)
-        pngs = await run_in_threadpool(lambda: [_png(to_pil(image)) for image in images])
-        if single:
-            return Response(pngs[0], media_type="image/png")
-        return JSONResponse({"images": [_b64(png) for png in pngs], "format": "png"})
+            chunks = await _read_body(request, decode_limit, "/decode",
+                                      f"it takes at most max_images ({config.max_images}) grids of "
+                                      f"{cfg.num_tokens}x{cfg.num_codebooks} ids")
+            ids, single = await offload(lambda: parse_ids_json(b"".join(chunks), cfg.num_tokens, cfg.num_codebooks,
+                                                               cfg.codebook_size, config.max_images))
+            release = admission.admit(len(ids))
+        try:
+            images = await batcher.decode(ids)
+            if single:
+                parts = [await offload(lambda: _png(to_pil(images[0])))]
+                return answer(parts, "image/png", release)
+            return answer(await offload(decode_answer, images), "application/json", release)
+        except BaseException:
+            release()
+            raise
 
     @app.post("/reconstruct")
     async def reconstruct(request: Request):
         """One image -> PNG of the model's input view (left) and its reconstruction (right)."""
         with batcher.expecting():
-            images, _ = await read_images(request, config.max_images)
+            images, _ = await read_images(request, config.max_images, offload)
             if len(images) != 1:
                 raise ServeError(422, f"/reconstruct takes exactly one image, got {len(images)}")
-            pixels, _ = await run_in_threadpool(prepare, images)
-        ids, _ = await batcher.encode(pixels)
-        decoded = await batcher.decode(ids)
+            release = admission.admit(1)
+        try:
+            with batcher.expecting():
+                pixels, _ = await offload(prepare, images)
+            ids, _ = await batcher.encode(pixels)
+            decoded = await batcher.decode(ids)
 
-        def side_by_side() -> bytes:
-            left, right = to_pil(tokenizer.target(pixels)[0]), to_pil(decoded[0])
-            canvas = Image.new("RGB", (left.width + right.width, left.height))
-            canvas.paste(left, (0, 0))
-            canvas.paste(right, (left.width, 0))
-            return _png(canvas)
+            def side_by_side() -> bytes:
+                left, right = to_pil(tokenizer.target(pixels)[0]), to_pil(decoded[0])
+                canvas = Image.new("RGB", (left.width + right.width, left.height))
+                canvas.paste(left, (0, 0))
+                canvas.paste(right, (left.width, 0))
+                return _png(canvas)
 
-        return Response(await run_in_threadpool(side_by_side), media_type="image/png")
+            return answer([await offload(side_by_side)], "image/png", release)
+        except BaseException:
+            release()
+            raise
 
     return app
 
@@ -702,4 +1046,4 @@ class ServerThread:
 
 
 __all__ = ["ServeConfig", "ServeError", "Batcher", "create_app", "serve", "ServerThread", "bind", "parse_ids",
-           "read_images", "preset_name"]
+           "parse_ids_json", "parse_images_json", "decode_body_limit", "read_images", "preset_name"]

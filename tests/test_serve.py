@@ -13,6 +13,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import libra_tok
+import libra_tok.serve
 from cli.tok_serve import serve_command
 from libra_tok import ImageTokenizer
 from libra_tok.client import ServerError, TokenizerClient
@@ -70,6 +73,20 @@ def raw_post(url: str, path: str, body, content_type: str, chunked: bool = False
         response = conn.getresponse()
         assert response.getheader("Content-Type") == "application/json"
         return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def raw_post_any(url: str, path: str, body, content_type: str):
+    """POST: (status, parsed JSON body, or {} for an answer that is not JSON)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        data = response.read()
+        is_json = response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(data) if is_json else {}
     finally:
         conn.close()
 
@@ -144,6 +161,8 @@ def test_health_and_info(client, tiny_tok, saved_tok):
     assert (info["num_codebooks"], info["codebook_size"], info["feature_dim"]) == (2, 512, 192)
     assert info["device"] == "cpu"
     assert info["serve"]["max_batch"] == 8 and info["serve"]["max_body_bytes"] == 4 * 1024 * 1024
+    assert info["serve"]["prepare_threads"] == 4
+    assert info["serve"]["max_decode_body_bytes"] == 12 * 64 * 2 * 32 + 16384  # 32 bytes per id + 16 KiB
 
 
 # ---- bad input: a 4xx with a JSON error, and the server keeps answering ------------------------
@@ -161,6 +180,7 @@ def _ids_json(ids) -> str:
 
 
 GOOD = (ROOT / "assets" / "chelsea.png").read_bytes()
+GOOD_B64 = base64.b64encode(GOOD).decode()
 GRID = [[1, 2]] * 64
 OUT_OF_RANGE = [[1, 2]] * 5 + [[3, 512]] + [[1, 2]] * 58
 BOMB = png_bytes(Image.new("RGB", (2000, 1500), (9, 9, 9)))  # 3 M pixels in a few kB
@@ -201,6 +221,59 @@ BAD_REQUESTS = {
     "decode not json": ("/decode", b"1,2", "text/csv", 415, r"/decode takes application/json"),
     "reconstruct two": ("/reconstruct", *_multipart([("a.png", GOOD), ("b.png", GOOD)]), 422,
                         r"exactly one image, got 2"),
+    # JSON that parses badly or holds values no request may: a 4xx that says why, never a 500
+    "deeply nested ids": ("/decode", '{"ids": ' + "[" * 1020 + "]" * 1020 + "}", "application/json", 400,
+                          r"not valid JSON \(nested too deeply\)"),
+    "deeply nested images": ("/encode", '{"images": ' + "[" * 10000 + "]" * 10000 + "}", "application/json", 400,
+                             r"not valid JSON \(nested too deeply\)"),
+    "5000-digit id": ("/decode", '{"ids": [[' + "9" * 5000 + ", 2]" + ", [1, 2]" * 63 + "]}", "application/json",
+                      422, r"integer with 5000 digits is out of range"),
+    "5000-digit features": ("/encode", f'{{"image": "{GOOD_B64}", "features": {"1" * 5000}}}',
+                            "application/json", 422, r"integer with 5000 digits is out of range"),
+    "NaN id": ("/decode", '{"ids": [[NaN, 2]' + ", [1, 2]" * 63 + "]}", "application/json", 400,
+               r"not valid JSON \(NaN is not a JSON value"),
+    "Infinity id": ("/decode", '{"ids": [[-Infinity, 2]' + ", [1, 2]" * 63 + "]}", "application/json", 400,
+                    r"not valid JSON \(-Infinity is not a JSON value"),
+    "NaN features": ("/encode", f'{{"image": "{GOOD_B64}", "features": NaN}}',
+                     "application/json", 400, r"NaN is not a JSON value"),
+    "huge float id": ("/decode", '{"ids": [[1e999, 2]' + ", [1, 2]" * 63 + "]}", "application/json", 422, r"got floats"),
+    "string ids": ("/decode", _ids_json([["1", "2"]] * 64), "application/json", 422, r"got strings"),
+    "a boolean among ids": ("/decode", _ids_json([[True, 2]] + GRID[1:]), "application/json", 422,
+                            r"must be integers in \[0, 512\), got booleans"),
+    "a null among ids": ("/decode", _ids_json([[None, 2]] + GRID[1:]), "application/json", 422, r"got nulls"),
+    "an object among ids": ("/decode", _ids_json([[{"a": 1}, 2]] + GRID[1:]), "application/json", 422,
+                            r"got objects"),
+    "20-digit id": ("/decode", _ids_json([[10 ** 19, 2]] + GRID[1:]), "application/json", 422,
+                    r"integer with 20 digits is out of range"),
+    "ids one level too deep": ("/decode", _ids_json([[GRID]]), "application/json", 422, r"got \(1, 1, 64, 2\)"),
+    "ids one level too shallow in places": ("/decode", _ids_json([[1, [2]]] + GRID[1:]), "application/json", 422,
+                                            r"rectangular"),
+    "ids a string": ("/decode", _ids_json("1, 2"), "application/json", 422, r"got strings"),
+    "ids an object": ("/decode", _ids_json({"0": [1, 2]}), "application/json", 422, r"got objects"),
+    "empty json body": ("/decode", b"", "application/json", 400, r"not valid JSON"),
+    "empty json images body": ("/encode", b"", "application/json", 400, r"not valid JSON"),
+    "empty multipart": ("/encode", b"", "multipart/form-data; boundary=b0undary", 422, r"holds no image"),
+    "multipart without boundary": ("/encode", b"--x\r\n", "multipart/form-data", 400, r"boundary"),
+    "not utf-8": ("/decode", b'{"ids": "\xff"}', "application/json", 400, r"not valid JSON"),
+    "json list body": ("/decode", b"[1, 2]", "application/json", 422, r'expected a JSON object \{"ids"'),
+    "form body": ("/encode", b"a=b", "application/x-www-form-urlencoded", 415, r"unsupported Content-Type"),
+    "decode without content type": ("/decode", _ids_json(GRID), "", 415, r"/decode takes application/json"),
+    "image not base64": ("/encode", json.dumps({"images": [base64.b64encode(GOOD).decode() + "=AAAA"]}),
+                         "application/json", 400, r"images\[0\] is not valid base64"),
+    "non-ascii base64": ("/encode", json.dumps({"images": ["\u00e9" * 2000]}), "application/json", 400,
+                         r"images\[0\] is not valid base64"),
+    # bodies whose parsing alone would be costly are refused by their size or number of values
+    "decode body too large": ("/decode", b'{"ids": [' + b"[0, 0], " * 30000 + b"[0, 0]]}", "application/json", 413,
+                              (r"request body too large for /decode \(240017 bytes, limit 65536 bytes\); it takes "
+                               r"at most max_images \(12\) grids of 64x2 ids")),
+    "too many values for /decode": ("/decode", b'{"ids": [' + b"[]," * 2000 + b"[]]}", "application/json", 413,
+                                    r"JSON body holds more values than 12 id grids of \(64, 2\) can"),
+    "too many strings": ("/encode", b'{"images": [' + b'"", ' * 20000 + b'""]}', "application/json", 413,
+                         r"the JSON body holds 40004 quotes \(limit 28672\): too many strings"),
+    "utf-16 json": ("/encode", json.dumps({"image": GOOD_B64}).encode("utf-16"), "application/json", 400,
+                    r"not valid JSON \(send it as UTF-8"),
+    "too much json besides images": ("/encode", b'{"images": [[' + b"0," * 20000 + b"0]]}", "application/json",
+                                     413, r"JSON body holds \d+ bytes besides its base64 images"),
 }
 
 
@@ -229,6 +302,16 @@ def test_bad_requests_do_not_stop_the_server(server, client, tiny_tok, asset_ima
     assert after["rejected"] - before["rejected"] == 3
     ref = tiny_tok.encode(tiny_tok.preprocess(asset_images[:1])).ids
     assert np.array_equal(client.encode(asset_images[0]).ids, ref.numpy())
+    assert client.health()["stats"]["held_images"] == 0
+
+
+def test_decode_body_limit_applies_while_a_chunked_body_streams_in(server, client):
+    before = client.health()["stats"]
+    chunks = (b'{"ids": [' if i == 0 else b"[0, 0], " * 2000 for i in range(10))  # no Content-Length
+    status, body = raw_post(server.url, "/decode", chunks, "application/json", chunked=True)
+    assert status == 413, body
+    assert body["error"].startswith("request body too large for /decode (more than 65536 bytes)")
+    assert client.health()["stats"]["rejected"] - before["rejected"] == 1
 
 
 def test_a_failing_forward_pass_fails_only_its_request(server, client, monkeypatch):
@@ -244,6 +327,266 @@ def test_a_failing_forward_pass_fails_only_its_request(server, client, monkeypat
     monkeypatch.undo()
     assert client.decode(GRID).size == (112, 112)
     assert client.health()["status"] == "ok"
+
+
+def test_a_failed_preparation_fails_only_its_request(server, client, tiny_tok, asset_images, monkeypatch):
+    real = libra_tok.serve.preprocess_image
+
+    def short_of_memory_for_wide_images(image, *args, **kwargs):
+        if image.width > 1000:
+            raise MemoryError
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(libra_tok.serve, "preprocess_image", short_of_memory_for_wide_images)
+    wide = png_bytes(Image.new("RGB", (1200, 2), (9, 9, 9)))
+    ref = tiny_tok.encode(tiny_tok.preprocess(asset_images[:3])).ids.numpy()
+    with ThreadPoolExecutor(4) as pool:
+        failing = pool.submit(raw_post, server.url, "/encode", wide, "image/png")
+        good = [pool.submit(client.encode, path) for path in asset_images[:3]]
+        status, body = failing.result()
+        assert [g.result().ids[0].tolist() for g in good] == ref.tolist()
+    assert status == 503 and re.search(r"out of memory .*retry later", body["error"]), body
+    assert client.health()["status"] == "ok"
+
+
+def test_long_json_strings_are_decoded_in_pieces_like_json_loads(monkeypatch):
+    monkeypatch.setattr(libra_tok.serve, "_PIECE", 16)
+    rng = np.random.default_rng(0)
+    tokens = ["a", "Z", "0", "/", "\\\\", '\\"', "\\n", "\\/", "\\u0041", "\\u007e", "\\t"]
+    for trial in range(200):
+        # runs of backslashes and escapes of every length land on every piece boundary
+        text = "".join(rng.choice(tokens, size=int(rng.integers(0, 120)))) + "\\\\" * int(rng.integers(0, 20))
+        body = b'{"s": "' + text.encode() + b'"}'
+        start = body.index(b'"', 5) + 1
+        end = libra_tok.serve._closing_quote(body, start)
+        assert end == len(body) - 2, text
+        pieces = list(libra_tok.serve._string_pieces(body, start, end))
+        assert all(len(piece) <= 16 for piece in pieces)
+        assert b"".join(pieces).decode() == json.loads(body)["s"], text
+
+
+def test_big_json_images_and_features_answers_go_in_pieces(server, tiny_tok, asset_images, monkeypatch):
+    """Long base64 strings are decoded a piece at a time and answers sent a piece at a time
+    (pieces made tiny here): the results are those of one go."""
+    monkeypatch.setattr(libra_tok.serve, "_PIECE", 100)
+    monkeypatch.setattr(libra_tok.serve, "_B64_PIECE", 300)
+    paths = asset_images[:4]
+    ref = tiny_tok.encode(tiny_tok.preprocess(paths))
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    strings = [
+        json.dumps(base64.encodebytes(paths[0].read_bytes()).decode()),  # "\n" escapes
+        json.dumps(b64[1]).replace("/", "\\/"),  # escaped slashes, as PHP writes them
+        json.dumps("data:image/png;base64," + b64[2]).replace("A", "\\u0041"),  # a data URL, \u escapes
+        json.dumps(b64[3]),  # nothing escaped
+    ]
+    body = '{"features": true, "images": [' + ", ".join(strings) + "]}"
+    status, answer = raw_post(server.url, "/encode", body, "application/json")
+    assert status == 200, answer
+    assert np.array_equal(np.asarray(answer["ids"]), ref.ids.numpy())
+    f = answer["features"]
+    assert f["shape"] == [4, 64, 192] and len(f["data"]) == 4 * 64 * 192 * 2 * 4 // 3
+    features = np.frombuffer(base64.b64decode(f["data"]), dtype="<f2").reshape(f["shape"])
+    np.testing.assert_allclose(features.astype(np.float32), ref.features.half().float().numpy(), rtol=2e-3, atol=2e-3)
+    # a base64 error anywhere in a long string is found, whichever piece it falls in
+    broken = b64[1][:-400] + "*" + b64[1][-399:]
+    status, answer = raw_post(server.url, "/encode", json.dumps({"images": [b64[0], broken]}), "application/json")
+    assert status == 400 and "images[1] is not valid base64" in answer["error"], answer
+    padded_early = b64[1][:800] + "==" + b64[1][802:]
+    status, answer = raw_post(server.url, "/encode", json.dumps({"images": [padded_early]}), "application/json")
+    assert status == 400 and "images[0] is not valid base64" in answer["error"], answer
+    assert TokenizerClient(server.url).health()["stats"]["held_images"] == 0  # all released
+
+
+def test_max_queue_bounds_the_images_held_from_arrival_to_answer(saved_tok, tiny_tok, asset_images, monkeypatch):
+    """Images count against max_queue from the moment their request is read until its answer
+    is sent, not only while they wait for the model: what the server holds per image (pixels,
+    features, decoded images, answers) is bounded by max_queue images."""
+    proceed = threading.Event()
+    real = libra_tok.serve.preprocess_image
+
+    def held_up(image, *args, **kwargs):
+        assert proceed.wait(30)
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(libra_tok.serve, "preprocess_image", held_up)
+    config = ServeConfig(max_wait_ms=0, max_queue=3)
+    with ServerThread(ImageTokenizer.from_pretrained(saved_tok), config) as running:
+        client = TokenizerClient(running.url, timeout=30)
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.encode, asset_images[:2], True)  # held up in preprocessing
+            deadline = time.monotonic() + 30
+            while client.health()["stats"]["held_images"] < 2:
+                assert time.monotonic() < deadline and not first.done()
+                time.sleep(0.01)
+            with pytest.raises(ServerError) as err:
+                client.encode(asset_images[2:4])
+            assert err.value.status == 503
+            assert err.value.message == "server busy: 2 images are being processed (max_queue 3); retry later"
+            proceed.set()
+            ref = tiny_tok.encode(tiny_tok.preprocess(asset_images[:4]))
+            assert np.array_equal(first.result().ids, ref.ids[:2].numpy())
+        assert np.array_equal(client.encode(asset_images[2:4]).ids, ref.ids[2:].numpy())
+        assert client.health()["stats"]["held_images"] == 0
+
+
+# ---- the event loop stays free ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def roomy_server(saved_tok):
+    """Server limits as the defaults (32 MB bodies, 64 images per request)."""
+    config = ServeConfig(max_batch=64, max_wait_ms=0, max_body_mb=32, max_images=64)
+    with ServerThread(ImageTokenizer.from_pretrained(saved_tok), config) as running:
+        yield running
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """An incompressible PNG (random pixels): its size is about 3 bytes per pixel."""
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def big_requests():
+    """(path, body, content type, expected status): bodies near the 32 MB limit, or requests
+    that keep the server busy for a while."""
+    grids = [[[(i * 7 + j) % 512, (i + j) % 512] for j in range(64)] for i in range(64)]
+    return {
+        # 28 MB of ids in one list: parsing it took seconds on the event loop
+        "decode 28 MB of ids": ("/decode", b'{"ids": [' + b"[0, 0], " * 3_500_000 + b"[0, 0]]}", 413),
+        "decode 64 grids": ("/decode", json.dumps({"ids": grids}, indent=2).encode(), 200),
+        # a 17 MB PNG as 23 MB of base64 with line breaks
+        "encode a 23 MB JSON image": ("/encode", json.dumps(
+            {"images": [base64.encodebytes(noise_png(2400, 2400)).decode()]}).encode(), 200),
+        "encode 28 MB of JSON numbers": ("/encode", b'{"images": [[' + b"0," * 14_000_000 + b"0]]}", 413),
+    }
+
+
+def health_latencies_while(url: str, send) -> tuple[object, list[float], int]:
+    """Runs send() in a thread and meanwhile asks /health again and again (at least 5 times,
+    at most 100): (what send returned, the latencies in seconds, how many answers came while
+    send was still running)."""
+    answer, errors = [], []
+
+    def run():
+        try:
+            answer.append(send())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    probe = TokenizerClient(url, timeout=60)
+    latencies, during = [], 0
+    thread.start()
+    while len(latencies) < 100 and (thread.is_alive() or len(latencies) < 5):
+        start = time.perf_counter()
+        assert probe.health()["status"] == "ok"
+        latencies.append(time.perf_counter() - start)
+        during += thread.is_alive()
+        time.sleep(0.01)
+    thread.join(120)
+    if errors:
+        raise errors[0]
+    return answer[0], latencies, during
+
+
+@pytest.mark.parametrize("case", ["decode 28 MB of ids", "decode 64 grids", "encode a 23 MB JSON image",
+                                  "encode 28 MB of JSON numbers"])
+def test_health_answers_within_100_ms_while_a_big_request_is_processed(roomy_server, case):
+    path, body, expected = big_requests()[case]
+    assert len(body) < 32 * 1024 * 1024
+
+    def send():
+        host, port = roomy_server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        try:
+            try:
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before the whole body was sent
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    # A second try only if the first one saw a slow answer: on a machine shared with other
+    # busy processes a probe thread can wait for a CPU now and then. A server that stops
+    # answering while it parses (350 ms to 8 s here before) fails both.
+    for _ in range(2):
+        (status, data), latencies, during = health_latencies_while(roomy_server.url, send)
+        assert status == expected, data[:300]
+        if expected == 200:  # a request that keeps the server busy: /health was asked meanwhile
+            assert during >= 3, (during, latencies)
+        if max(latencies) < 0.1:
+            break
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+# A server in its own process, so that its peak memory can be measured: it prints its URL, then
+# its peak RSS (kB) for every line it reads. Its data segment is capped 3 GB above its size at
+# start, so that a regression fails this test instead of exhausting the machine.
+MEASURED_SERVER = """
+import resource, sys
+import torch
+from libra_tok import ImageTokenizer
+from libra_tok.serve import ServeConfig, ServerThread
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+with ServerThread(ImageTokenizer("tiny"), ServeConfig(max_wait_ms=0)) as server:
+    data_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmData:"))
+    cap = (data_kb << 10) + (3 << 30)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    print(server.url, flush=True)
+    for _ in sys.stdin:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+MEMORY_BOUND_MB = 400
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: 5 s here
+def test_tiny_wide_images_stay_within_a_memory_bound(asset_images):
+    """A 30000x1 PNG is ~100 bytes; padded to a square before resizing it would take 2.7 GB.
+    Four at once plus a 100000x1 one: every answer is 200 or a 4xx with a reason, the server's
+    peak RSS grows by less than MEMORY_BOUND_MB and /health stays fast."""
+    wide = png_bytes(Image.new("RGB", (30000, 1), (200, 30, 30)))
+    wider = png_bytes(Image.new("RGB", (100000, 1), (30, 200, 30)))
+    assert len(wide) < 1000 and len(wider) < 1000
+    proc = subprocess.Popen([sys.executable, "-c", MEASURED_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url + proc.stderr.read()
+
+        def peak_rss_mb() -> float:
+            proc.stdin.write("rss\n")
+            proc.stdin.flush()
+            return int(proc.stdout.readline()) / 1024
+
+        client = TokenizerClient(url, timeout=120)
+        client.encode(asset_images[0])  # warm up: first pass, thread pools, allocator
+        before = peak_rss_mb()
+
+        def send_all():
+            with ThreadPoolExecutor(5) as pool:
+                jobs = [pool.submit(raw_post_any, url, "/encode", body, "image/png") for body in [wide] * 4 + [wider]]
+                return [job.result() for job in jobs]
+
+        answers, latencies, _ = health_latencies_while(url, send_all)
+        grown = peak_rss_mb() - before
+        for status, body in answers:
+            assert status == 200 or (400 <= status < 500 and body.get("error")), (status, body)
+        assert grown < MEMORY_BOUND_MB, f"peak RSS grew by {grown:.0f} MB"
+        assert max(latencies) < 0.1, sorted(latencies)[-5:]
+        assert client.health()["status"] == "ok"
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # ---- concurrency and batching -----------------------------------------------------------------
@@ -328,6 +671,8 @@ def test_serve_config_is_validated():
         ServeConfig(max_wait_ms=-1)
     with pytest.raises(ValueError, match="precision must be one of"):
         ServeConfig(precision="fp8")
+    with pytest.raises(ValueError, match="prepare_threads must be at least 1, got 0"):
+        ServeConfig(prepare_threads=0)
 
 
 def test_busy_port_and_unreachable_server_are_explained():
@@ -349,7 +694,8 @@ def test_cli_help_explains_every_option_and_defaults_match():
             assert param.help and param.opts[0] in result.output, param.name
     defaults = {p.name: p.default for p in serve_command.params}
     config = ServeConfig()
-    for name in ("max_batch", "max_wait_ms", "max_body_mb", "max_pixels", "max_images", "max_queue", "precision"):
+    for name in ("max_batch", "max_wait_ms", "max_body_mb", "max_pixels", "max_images", "max_queue", "precision",
+                 "prepare_threads"):
         assert defaults[name] == getattr(config, name), name
     assert defaults["host"] == "127.0.0.1"
 
