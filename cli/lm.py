@@ -50,8 +50,8 @@ def _finite(ctx, param, value):
                    "Default: the model folder's own: its image_tokenizer/ sub-folder, else the tokenizer recorded "
                    "by training (digest-checked), else its vqgan.ckpt (official Libra folders).")
 @click.option("--tokenizer-preset", type=click.Choice(["tiny"]), default=None,
-              help="Use a freshly initialised image tokenizer of this preset instead (offline demos and tests; "
-                   "seeded by --seed).")
+              help="Use the random image tokenizer of this preset instead: the same weights as `libra-tok encode "
+                   "--preset` (offline demos and tests).")
 @click.option("--text-tokenizer", "text_tokenizer_path", type=click.Path(exists=True, path_type=Path), default=None,
               help="SentencePiece tokenizer.model (or a folder holding it). Default: the model folder's tokenizer.model.")
 @click.option("--template", type=click.Choice(["vicuna_v1", "raw"]), default="vicuna_v1", show_default=True,
@@ -65,7 +65,7 @@ def _finite(ctx, param, value):
               callback=_finite, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
 @click.option("--stop", "stop_strings", multiple=True,
               help="Stop when the answer contains this string (repeatable); generation also stops at EOS.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling (and of --tokenizer-preset).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling.")
 @click.option("--attn-backend", type=click.Choice(["auto", "eager", "sdpa", "flex", "cuda"]), default="auto",
               show_default=True, help="Bridged-attention implementation; auto picks the fastest available.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N.")
@@ -120,7 +120,7 @@ def generate(
     text_tok = TextTokenizer.from_pretrained(text_tokenizer_path)
     image_tok = None
     if image is not None:
-        image_tok = _image_tokenizer(tokenizer_path, tokenizer_preset, model_path, seed, trust_pickle).to(dev).eval()
+        image_tok = _image_tokenizer(tokenizer_path, tokenizer_preset, model_path, trust_pickle).to(dev).eval()
     model = LibraForCausalLM.from_pretrained(model_path, device=dev, dtype=torch_dtype, trust_pickle=trust_pickle)
     model.attn_backend = attn_backend
 
@@ -144,15 +144,13 @@ def _read_image(path: Path):
         raise ValueError(f"cannot read --image {path}: {err}") from None
 
 
-def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, seed: int, trust_pickle: bool):
-    import torch
-
+def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, trust_pickle: bool):
     from libra_lm.checkpoint import image_tokenizer_for
     from libra_tok import ImageTokenizer
+    from libra_tok.pipeline import load_tokenizer
 
-    if preset is not None:
-        torch.manual_seed(seed)
-        return ImageTokenizer(preset)
+    if preset is not None:  # the reproducible random weights `libra-tok encode --preset` uses
+        return load_tokenizer(preset=preset, device="cpu")
     if path is not None:
         return ImageTokenizer.from_pretrained(path, trust_pickle=trust_pickle)
     return image_tokenizer_for(model_path, trust_pickle=trust_pickle,

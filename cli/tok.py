@@ -77,7 +77,8 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
     result = train(TrainConfig.from_dict(merged), resume=resume)
     click.echo(f"trained {result.step} steps; tokenizer: {result.final_tokenizer}")
     if result.skipped_images:
-        click.echo(f"skipped {len(result.skipped_images)} unreadable image(s): see {result.out_dir / 'skipped_images.json'}")
+        click.echo(f"skipped {len(result.skipped_images)} input(s), unreadable or left out while listing: see "
+                   f"{result.out_dir / 'skipped_images.json'}")
 
 
 _trust_pickle = click.option("--trust-pickle", is_flag=True, help="Allow Python objects besides tensors in the pickle "

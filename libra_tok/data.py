@@ -449,6 +449,8 @@ def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"too many pixels: {exc}") from None
+    except MemoryError:
+        raise  # the machine's limit, not the file's fault: never reported as a corrupt image
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError...)
         reason = "not an image" if type(exc).__name__ == "UnidentifiedImageError" else f"corrupt image: {exc}"
         raise ImageReadError(reason) from None

@@ -47,12 +47,19 @@ class TokenizerOutput:
     features: torch.Tensor
 
 
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast, fp32, or "auto": bf16 on CUDA, fp32 elsewhere."""
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """"fp32", "bf16" or "fp16": what `precision` means on `device` ("auto": bf16 on CUDA,
+    fp32 elsewhere)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast, fp32, or "auto" (see resolve_precision)."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -67,15 +74,6 @@ def _read_config(path: Path) -> dict:
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} holds a JSON {type(meta).__name__}, not a tokenizer config")
     return meta
-
-
-def _read_path(path: str | Path) -> Image.Image:
-    from .data import ImageReadError, ImageRecord, read_image
-
-    try:
-        return read_image(ImageRecord(str(path)))
-    except ImageReadError as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 def _lm_folder_kind(meta: dict) -> str | None:
@@ -212,7 +210,6 @@ class ImageTokenizer(nn.Module):
         is not a readable image is a ValueError naming it and the reason (libra_tok.data.read_image)."""
         if isinstance(images, (Image.Image, str, Path)):
             images = [images]
-        images = [_read_path(item) if isinstance(item, (str, Path)) else item for item in images]
         cfg = self.config
         return preprocess_images(images, cfg.resolution, pad_mode or cfg.pad_mode, cfg.image_mean, cfg.image_std)
 
@@ -256,4 +253,4 @@ class ImageTokenizer(nn.Module):
         return TokenizerOutput(reconstruction=self.decoder(q.z), ids=q.ids, aux_loss=q.aux_loss, features=features)
 
 
-__all__ = ["ImageTokenizer", "EncodeOutput", "TokenizerOutput", "autocast_for", "PRECISIONS"]
+__all__ = ["ImageTokenizer", "EncodeOutput", "TokenizerOutput", "autocast_for", "resolve_precision", "PRECISIONS"]

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image, scan_inputs
 from .fileio import atomic_path, atomic_save_image, atomic_write_json
 from .config import PRESETS, TokenizerConfig
-from .model import PRECISIONS, ImageTokenizer
+from .model import PRECISIONS, ImageTokenizer, resolve_precision
 from .metrics import psnr_signed
 from .preprocess import preprocess_image, side_by_side, to_pil
 from .shards import SKIPPED_FILE, ShardWriter, open_shards, read_manifest, remove_stale_temporaries, shard_folders
@@ -129,11 +129,6 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def _effective_precision(precision: str, device: torch.device) -> str:
-    """What "auto" means on `device` (as libra_tok.model.autocast_for decides)."""
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-
-
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
@@ -233,7 +228,7 @@ def _check_resumable(path: Path, manifest: dict[str, Any], k: int, slices: Seque
         word = "with" if had else "without"
         raise ValueError(f"{path} was written {word} --save-features; rerun {word} --save-features to resume, "
                          "or write to a new --out folder (a shard set has features in every shard or in none)")
-    written = _effective_precision(manifest.get("precision", "auto"), device)
+    written = resolve_precision(device, manifest.get("precision", "auto"))
     if written != precision:
         raise ValueError(f"{path} was written with --precision {written} (this run: {precision}), and ids can "
                          f"differ between precisions; rerun with --precision {written}, or write to a new --out folder")
@@ -306,7 +301,7 @@ def encode_images(
 
     list_hash = hashlib.sha256("\n".join(r.name for r in records).encode()).hexdigest()
     identity = tokenizer_identity(tokenizer, tokenizer_source)
-    used_precision = _effective_precision(precision, tokenizer.device)
+    used_precision = resolve_precision(tokenizer.device, precision)
     summary = EncodeSummary(out_dir, len(records), len(slices), skipped=scan.skipped)
     existing = {}
     for k, path in shard_folders(out_dir):  # every rank's: the whole set must stay one kind

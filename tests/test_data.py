@@ -354,3 +354,18 @@ def test_training_views_of_images_above_pillows_limit(tmp_path, monkeypatch):
     index, view = TrainImages(records, 16, crop_scale=(0.9, 1.0))[(0, 3)]
     assert index == 0 and view.shape == (3, 16, 16)
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_running_out_of_memory_is_not_a_corrupt_image(monkeypatch):
+    """Out of memory while decoding is the machine's limit: it propagates (the server answers
+    503, a run stops) instead of being reported as a corrupt file."""
+    from PIL import Image
+
+    from libra_tok import data
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image, "open", no_memory)
+    with pytest.raises(MemoryError):
+        data.decode_image_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
