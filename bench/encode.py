@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from libra_tok.data import list_images  # noqa: E402
-from libra_tok.encoder import _build_tower  # noqa: E402
-from libra_tok.model import autocast_for  # noqa: E402
-from libra_tok.pipeline import encode_images, load_tokenizer  # noqa: E402
+from libra_tok.encoder import build_clip_tower  # noqa: E402
+from libra_tok.pipeline import encode_to_shards, load_tokenizer  # noqa: E402
+from libra_tok.precision import autocast_for  # noqa: E402
 
 
 def make_jpeg_folder(folder: Path, n: int) -> None:
@@ -48,8 +48,7 @@ def sync(device: torch.device) -> None:
 
 def time_bare_clip(tok, batches, precision: str) -> float:
     """Seconds of the full (unpruned) visual tower over the prepared batches."""
-    cfg = tok.config
-    tower = _build_tower(cfg.clip_model, cfg.clip_quick_gelu).to(tok.device).eval()
+    tower = build_clip_tower(tok.config).to(tok.device).eval()
     tower.load_state_dict(tok.encoder.tower.state_dict(), strict=False)  # same weights where they exist
     device = tok.device
     with torch.no_grad(), autocast_for(device, precision):
@@ -68,8 +67,8 @@ def time_end_to_end(tok, folder: Path, batches, args, precision: str) -> float:
         tok.encode(batches[0], precision=precision)  # warm-up
         sync(tok.device)
         start = time.perf_counter()
-        encode_images([folder], out / "run", tok, batch_size=args.batch_size, shard_size=10**9,
-                      num_workers=args.num_workers, precision=precision, progress=False)
+        encode_to_shards([folder], out / "run", tok, batch_size=args.batch_size, shard_size=10**9,
+                         num_workers=args.num_workers, precision=precision, progress=False)
         sync(tok.device)
         return time.perf_counter() - start
     finally:
@@ -113,11 +112,15 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    print(f"# libra-tok encode benchmark: {tok.config.clip_model} at {tok.config.resolution} px, {args.num_images} JPEGs, "
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    print(f"# libra-tok encode benchmark: {tok.config.clip_model} at {tok.config.resolution} px, "
+          f"{args.num_images} JPEGs, "
           f"batch {args.batch_size}, {args.num_workers} workers, {device.type} ({name}), torch {torch.__version__}")
-    print(f"| precision | end to end (img/s) | bare CLIP forward (img/s) | time ratio e2e / bare |")
-    print(f"|---|---|---|---|")
+    print("| precision | end to end (img/s) | bare CLIP forward (img/s) | time ratio e2e / bare |")
+    print("|---|---|---|---|")
     for precision, e2e, bare, ratio in rows:
         print(f"| {precision} | {e2e:.2f} | {bare:.2f} | {ratio:.3f} |")
     if len(rows) == 2:

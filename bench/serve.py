@@ -40,7 +40,7 @@ from libra_tok.data import decode_image_bytes  # noqa: E402
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     source = ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--preset", args.preset]
-    cmd = [sys.executable, "-m", "cli.tok_serve", *source, "--port", "0", "--device", args.device,
+    cmd = [sys.executable, "-m", "libra_cli.tok_serve", *source, "--port", "0", "--device", args.device,
            "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the server uses --threads too
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from cli.common import dataclass_options, fail_on_errors, run_file_options, run_options
 from libra_tok.train import TrainConfig
+
+from .common import dataclass_options, fail_on_errors, run_file_options, run_options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -26,7 +27,8 @@ def main(verbose: bool) -> None:
 
 
 @main.command("demo")
-@click.option("--out", "out_dir", default="demo-output", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", default="demo-output", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the grid, the metrics and the trained tokenizer.")
 @click.option("--images", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image folder to train and reconstruct (default: the repository's assets/).")
@@ -50,7 +52,8 @@ def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, see
                f"{m['steps']} steps in {m['train_seconds']:.0f} s")
     click.echo(f"grid: {result.grid}   metrics: {out_dir / 'metrics.json'}   tokenizer: {m['tokenizer']}")
     if m["skipped_inputs"]:
-        click.echo(f"{len(m['skipped_inputs'])} input(s) unreadable or skipped ({_count_reasons(m['skipped_inputs'])}): "
+        skipped = m["skipped_inputs"]
+        click.echo(f"{len(skipped)} input(s) unreadable or skipped ({_count_reasons(skipped)}): "
                    f"listed in {out_dir / 'metrics.json'}")
 
 
@@ -58,7 +61,8 @@ def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, see
 @click.argument("data", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @run_file_options
 @click.option("--clip-weights", default=None, help="CLIP weights for a fresh tokenizer: an open_clip tag (openai), "
-              "a weights file (open_clip or HF CLIP) or an HF CLIP folder; same as --tokenizer '{clip_pretrained: ...}'.")
+              "a weights file (open_clip or HF CLIP) or an HF CLIP folder; same as "
+              "--tokenizer '{clip_pretrained: ...}'.")
 @dataclass_options(TrainConfig, skip=("data",))
 @fail_on_errors
 def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, clip_weights: str | None,
@@ -90,8 +94,10 @@ _trust_pickle = click.option("--trust-pickle", is_flag=True, help="Allow Python 
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", default=None, help="Config preset of the checkpoint's dimensions (default: the "
               "vision_tokenizer_config.yaml beside the checkpoint, else libra-l336).")
-@click.option("--clip", "clip_model", default=None, help="open_clip model name of the CLIP tower, if the yaml "
-              "names a CLIP that has no known open_clip equivalent.")
+@click.option("--clip", "clip_model", default=None, help="The CLIP architecture: an open_clip model name, an HF CLIP "
+              "folder (its config.json) or a weights file (its tensor shapes). Default: the CLIP folder the yaml's "
+              "encoder_name names beside the checkpoint, else the checkpoint's tensor shapes. The CLIP weights "
+              "always come from the checkpoint.")
 @_trust_pickle
 @fail_on_errors
 def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: str | None, trust_pickle: bool) -> None:
@@ -99,7 +105,8 @@ def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: 
 
     Every tensor of the official file is mapped (HF CLIP names to open_clip, q/k/v fused,
     training-only loss.* dropped) and its shape checked; the result loads with
-    ImageTokenizer.from_pretrained(OUT_DIR).
+    ImageTokenizer.from_pretrained(OUT_DIR). Any CLIP ViT works: its architecture comes from
+    the CLIP folder the yaml names (an HF config.json), --clip, or the checkpoint's shapes.
     """
     from libra_tok.checkpoint import load_official
 
@@ -116,7 +123,8 @@ def _tokenizer_options(fn):
     fn = click.option("--preset", default=None, help="Use a preset with fresh weights instead of a checkpoint "
                       "(tests and smoke runs only: the ids mean nothing).")(fn)
     fn = click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
-                      help="Tokenizer: a folder written by `libra-tok train`/`convert-official`, or the official vqgan.ckpt.")(fn)
+                      help="Tokenizer: a folder written by `libra-tok train`/`convert-official`, or the official "
+                      "vqgan.ckpt.")(fn)
     return fn
 
 
@@ -132,7 +140,8 @@ _precision = click.option("--precision", type=click.Choice(["auto", "fp32", "bf1
 @_tokenizer_options
 @click.option("--save-features", is_flag=True, help="Also store the CLIP features (float16, tokens x feature_dim "
               "per image: 4.7 MB per image for libra-l336) for LM training without recomputing them.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per forward pass.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Inputs per shard (a shard is written all-or-nothing).")
 @click.option("--num-shards", type=click.IntRange(min=1), default=None,
@@ -156,14 +165,15 @@ def encode(inputs, out_dir, checkpoint, preset, device, trust_pickle, save_featu
     .txt/.json members of a tar. Unreadable inputs are listed in the shard manifests with the
     reason and counted in the summary; they never stop the run.
     """
-    from libra_tok.pipeline import check_output_folder, encode_images, load_tokenizer
+    from libra_tok.fileio import check_output_folder
+    from libra_tok.pipeline import encode_to_shards, load_tokenizer
 
     check_output_folder(out_dir)  # before the tokenizer is loaded
     tok = load_tokenizer(checkpoint, preset, device, trust_pickle=trust_pickle)
-    summary = encode_images(inputs, out_dir, tok, tokenizer_source=str(checkpoint.resolve()) if checkpoint else None,
-                            batch_size=batch_size, shard_size=shard_size, num_shards=num_shards,
-                            save_features=save_features, rank=rank, world_size=world_size, num_workers=num_workers,
-                            precision=precision, max_pixels=max_pixels)
+    summary = encode_to_shards(inputs, out_dir, tok, tokenizer_source=str(checkpoint.resolve()) if checkpoint else None,
+                               batch_size=batch_size, shard_size=shard_size, num_shards=num_shards,
+                               save_features=save_features, rank=rank, world_size=world_size,
+                               num_workers=num_workers, precision=precision, max_pixels=max_pixels)
     click.echo(f"{summary.samples} images encoded into {out_dir} ({len(summary.shards_written)} shards written, "
                f"{len(summary.shards_already_done)} already complete, {summary.shards_total} in all; "
                f"{summary.images_per_s:.1f} images/s)")
@@ -212,12 +222,14 @@ def _parse_indices(ctx, param, text: str | None) -> list[range] | None:
 @click.option("--indices", default=None, callback=_parse_indices,
               help="Samples to decode, numbered from 0, e.g. '0,5,10-19' (default: all).")
 @_tokenizer_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per decoder pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per decoder pass.")
 @_precision
 @fail_on_errors
 def decode(shard_dir, out_dir, indices, checkpoint, preset, device, trust_pickle, batch_size, precision) -> None:
     """Decode the ids in SHARD_DIR back to PNG images (default tokenizer: the one the shards name)."""
-    from libra_tok.pipeline import check_output_folder, decode_shards, load_tokenizer
+    from libra_tok.fileio import check_output_folder
+    from libra_tok.pipeline import decode_shards, load_tokenizer
     from libra_tok.shards import open_shards
 
     check_output_folder(out_dir)
@@ -235,9 +247,11 @@ def decode(shard_dir, out_dir, indices, checkpoint, preset, device, trust_pickle
 
 @main.command("reconstruct")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder.")
 @_tokenizer_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per forward pass.")
 @click.option("--num-workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Image-decoding worker processes (0: in the main process).")
 @_precision
@@ -246,7 +260,8 @@ def reconstruct(inputs, out_dir, checkpoint, preset, device, trust_pickle, batch
     """Show what the tokenizer keeps: per image a PNG of original | reconstruction | error
     heatmap, a contact sheet of all, and psnr.csv (PSNR on [0,1] at the tokenizer resolution).
     An --out that is an input folder, or outputs that would replace an input, are refused."""
-    from libra_tok.pipeline import check_output_folder, load_tokenizer, reconstruct_images
+    from libra_tok.fileio import check_output_folder
+    from libra_tok.pipeline import load_tokenizer, reconstruct_images
 
     check_output_folder(out_dir)
     tok = load_tokenizer(checkpoint, preset, device, trust_pickle=trust_pickle)
@@ -291,15 +306,17 @@ def info(tokenizer: Path, trust_pickle: bool) -> None:
     tok = ImageTokenizer.from_pretrained(tokenizer, trust_pickle=trust_pickle)
     cfg = tok.config
     click.echo(f"tokenizer      {tokenizer}")
-    click.echo(f"clip           {cfg.clip_model}, feature layers {list(cfg.feature_layers)} -> {cfg.feature_dim} channels")
+    click.echo(f"clip           {cfg.clip_model}, feature layers {list(cfg.feature_layers)} -> "
+               f"{cfg.feature_dim} channels")
     click.echo(f"grid           {cfg.grid_size}x{cfg.grid_size} = {cfg.num_tokens} tokens at {cfg.resolution} px")
-    click.echo(f"codes          {cfg.num_codebooks} codebooks x {cfg.codebook_bits} bits ({cfg.codebook_size} ids each)")
+    click.echo(f"ids            {cfg.num_codebooks} codebooks x {cfg.codebook_bits} bits "
+               f"({cfg.codebook_size} ids each)")
     for name, module in (("encoder", tok.encoder), ("quantizer", tok.quantizer), ("decoder", tok.decoder)):
         click.echo(f"{name:<14} {sum(p.numel() for p in module.parameters()) / 1e6:.2f} M parameters")
 
 
-from cli.tok_eval import eval_command  # noqa: E402
-from cli.tok_serve import serve_command  # noqa: E402
+from .tok_eval import eval_command  # noqa: E402
+from .tok_serve import serve_command  # noqa: E402
 
 main.add_command(eval_command)
 main.add_command(serve_command)

@@ -1,4 +1,4 @@
-"""`libra-tok eval`: reconstruction metrics (PSNR, SSIM, LPIPS, rFID, code usage, bits per pixel)."""
+"""`libra-tok eval`: reconstruction metrics (PSNR, SSIM, LPIPS, rFID, id usage, bits per pixel)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from cli.common import fail_on_errors
+from .common import fail_on_errors
 
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # libra_tok.model.PRECISIONS
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # libra_tok.precision.PRECISIONS
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -46,11 +46,12 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # libra_tok.model.PRECISIO
               help="Folder holding the metric network weights (default: the torch hub cache, "
                    "$TORCH_HOME/hub/checkpoints, i.e. ~/.cache/torch/hub/checkpoints). Nothing is downloaded.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the summary (protocol, means, rFID, code usage, unreadable files) as JSON here.")
+              help="Write the summary (protocol, means, rFID, id usage, unreadable files) as JSON here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write per-image metrics as CSV here (one row per image, one column per metric and resolution).")
 @click.option("--trust-pickle", is_flag=True,
-              help="Allow Python objects in an official .ckpt pickle (unpickling can run code: only for files you trust).")
+              help="Allow Python objects in an official .ckpt pickle (unpickling can run code: only for files "
+              "you trust).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @fail_on_errors
 def eval_command(inputs: tuple[Path, ...], checkpoint: Path | None, resolution: int | None, also: tuple[int, ...],
@@ -67,14 +68,14 @@ def eval_command(inputs: tuple[Path, ...], checkpoint: Path | None, resolution: 
     Reports PSNR and SSIM (on [0, 1], data_range 1, per image then mean; SSIM with the 11x11
     Gaussian window of Wang et al. and ssim_uniform7, scikit-image's default 7x7 window), LPIPS,
     rFID (FID Inception pool features of originals vs reconstructions) and, with a tokenizer,
-    code usage and perplexity per sub-codebook and bits per pixel. Originals are made square
+    id usage and perplexity per codebook and bits per pixel. Originals are made square
     (--pad-mode) and resized with bicubic; the tokenizer's reconstructions are rounded to 8 bits
     as a PNG holds them. Two folders are paired by relative path without the extension
     (cat.jpg <-> cat.png). Unreadable images, and inputs skipped while listing (damaged tars,
     symlink loops, duplicates), are counted and listed, never fatal.
     """
     from libra_tok.evaluate import EvalOptions, MetricModels, evaluate_folders, evaluate_tokenizer
-    from libra_tok.pipeline import check_output_file
+    from libra_tok.fileio import check_output_file
 
     if checkpoint is None and (len(inputs) != 2 or not all(p.is_dir() for p in inputs)):
         raise click.UsageError(
@@ -107,7 +108,8 @@ def eval_command(inputs: tuple[Path, ...], checkpoint: Path | None, resolution: 
         click.echo(f"wrote {csv_path}")
     if result.summary["num_failed"]:
         first = result.summary["failed"][0]
-        click.echo(f"{result.summary['num_failed']} image(s) unreadable or skipped, e.g. {first['name']}: {first['reason']}"
+        click.echo(f"{result.summary['num_failed']} image(s) unreadable or skipped, e.g. {first['name']}: "
+                   f"{first['reason']}"
                    + (" (all listed in the JSON)" if json_path else " (--json lists them all)"), err=True)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import fail_on_errors
+from .common import fail_on_errors
 
 # Defaults of libra_tok.serve.ServeConfig (kept here so --help does not import torch; a test
 # checks that they agree).

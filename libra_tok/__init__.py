@@ -1,10 +1,10 @@
 """libra_tok: the Libra image tokenizer (frozen CLIP features, 2 x 9-bit LFQ, conv decoder)."""
 
-__version__ = "0.1.0"
-
-from .checkpoint import CheckpointError, load_official  # noqa: E402
-from .config import PRESETS, TokenizerConfig  # noqa: E402
-from .model import EncodeOutput, ImageTokenizer, TokenizerOutput  # noqa: E402
+from .checkpoint import load_official
+from .config import PRESETS, TokenizerConfig
+from .model import EncodeOutput, ImageTokenizer, TokenizerOutput
+from .version import __version__
+from .weight_files import CheckpointError
 
 __all__ = [
     "__version__",

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .config import CLIP_MEAN, CLIP_STD
 from .preprocess import normalize, preprocess_image, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -469,13 +470,24 @@ def read_image(record: ImageRecord, max_pixels: int = DEFAULT_MAX_PIXELS, max_by
     return decode_image_bytes(data, max_pixels)
 
 
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Read an image file and convert it to RGB, with the bounds of `read_image` (a FIFO or
+    device is refused, not opened; oversized files and images are refused). A missing file is
+    a FileNotFoundError, any other unusable file a ValueError naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        return read_image(ImageRecord(str(path)), max_pixels or DEFAULT_MAX_PIXELS)
+    except ImageReadError as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
 class EvalImages(Dataset):
     """Records -> (index, pixels (3, R, R) CLIP-normalised) or (index, reason) for bad files."""
 
     def __init__(self, records: Sequence[ImageRecord], resolution: int, pad_mode: str = "pad",
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
-        from .config import CLIP_MEAN, CLIP_STD
-
         self.records = list(records)
         self.resolution = resolution
         self.pad_mode = pad_mode
@@ -500,8 +512,6 @@ class TrainImages(Dataset):
     def __init__(self, records: Sequence[ImageRecord], resolution: int, crop_scale: tuple[float, float] = (0.5, 1.0),
                  flip: bool = True, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  cache: bool = False):
-        from .config import CLIP_MEAN, CLIP_STD
-
         self.records = list(records)
         self.resolution = resolution
         self.crop_scale = tuple(crop_scale)
@@ -568,6 +578,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_FILE_BYTES",
     "read_image",
+    "load_image",
     "decode_image_bytes",
     "EvalImages",
     "TrainImages",

@@ -1,6 +1,7 @@
 """The taming-transformers convolutional decoder in the official Libra layout.
 
-Module names equal the official `decoder.*` keys (reference 1.5, 6.1), so official weights
+Module names equal the official `decoder.*` keys (`libra/models/libra/taming/modules/
+diffusionmodules/model.py`; docs/official-formats.md#tokenizer-checkpoint), so official weights
 load without renaming. Differences from stock taming: the start grid is the CLIP grid
 (`initial_resolution` 24 there, not resolution / 2^(levels-1)), attention is multi-head,
 and the last upsample (level 1) jumps to the output size with a fractional nearest scale

@@ -1,11 +1,12 @@
 """The frozen CLIP encoder: multi-layer patch features of an open_clip ViT.
 
-Official behaviour (reference 1.3): run CLIP, take HF `hidden_states[k]` for k in
-`select_layer` = [2, 10, 18, 22], concatenate on channels, drop the CLS token. HF's
-`hidden_states[0]` is the pre-LayerNorm'd embedding and `hidden_states[k]` the output of
-encoder layer k (1-based), which is open_clip's `transformer.resblocks[k - 1]`. Blocks after
-the last selected one never influence the features, so they are pruned (for libra-l336,
-2 of 24 blocks and the final LayerNorm/projection: ~8 % less compute than a full forward).
+Official behaviour (`libra/models/libra/clip_encoder.py`; docs/official-formats.md#tokenizer-behaviour):
+run CLIP, take HF `hidden_states[k]` for k in `select_layer` = [2, 10, 18, 22], concatenate on
+channels, drop the CLS token. HF's `hidden_states[0]` is the pre-LayerNorm'd embedding and
+`hidden_states[k]` the output of encoder layer k (1-based), which is open_clip's
+`transformer.resblocks[k - 1]`. Blocks after the last selected one never influence the
+features, so they are pruned (for libra-l336, 2 of 24 blocks and the final
+LayerNorm/projection: ~8 % less compute than a full forward).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import TokenizerConfig, clip_vision_config
+from .config import TokenizerConfig
+from .conversions import clip_state_dict_to_open_clip
+from .weight_files import read_state_dict, weights_in_folder
 
 
-def _build_tower(clip_model: str, quick_gelu: bool) -> nn.Module:
-    """An open_clip VisionTransformer with random weights (no text tower is built)."""
+def build_clip_tower(config: TokenizerConfig) -> nn.Module:
+    """The open_clip VisionTransformer of `config` with random weights (no text tower is built):
+    a registered open_clip model, or the tower `config.clip_vision` describes."""
     from open_clip.model import _build_vision_tower
 
-    cfg = clip_vision_config(clip_model)
-    return _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=quick_gelu)
+    return _build_vision_tower(config.clip_embed_dim, config.clip_vision_cfg, quick_gelu=config.clip_quick_gelu)
 
 
 def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = True, *,
@@ -36,15 +39,12 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
     HF CLIP folder holding model.safetensors or pytorch_model.bin. trust_pickle: allow Python
     objects besides tensors in a pickled file (only for files you trust).
     """
-    from .checkpoint import clip_state_dict_to_open_clip, read_state_dict
-
     path = Path(source).expanduser()
     if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
-                     "open_clip_pytorch_model.bin"):
-            if (path / name).is_file():
-                state = read_state_dict(path / name, trust_pickle=trust_pickle)
-                return clip_state_dict_to_open_clip(state, source=str(path / name))
+        weights = weights_in_folder(path)
+        if weights is not None:
+            return clip_state_dict_to_open_clip(read_state_dict(weights, trust_pickle=trust_pickle),
+                                                source=str(weights))
         raise FileNotFoundError(
             f"CLIP folder {path} holds no model.safetensors, pytorch_model.bin or "
             f"open_clip_pytorch_model.bin; point --clip-weights at the weights file instead"
@@ -77,7 +77,7 @@ class ClipFeatureEncoder(nn.Module):
 
     def __init__(self, config: TokenizerConfig, load_weights: bool = True, *, trust_pickle: bool = False):
         super().__init__()
-        tower = _build_tower(config.clip_model, config.clip_quick_gelu)
+        tower = build_clip_tower(config)
         num_blocks = len(tower.transformer.resblocks)
         bad = [k for k in config.feature_layers if not 1 <= k <= num_blocks]
         if bad:
@@ -120,4 +120,4 @@ class ClipFeatureEncoder(nn.Module):
         return torch.cat(out["image_intermediates"], dim=-1)
 
 
-__all__ = ["ClipFeatureEncoder", "pretrained_clip_state_dict"]
+__all__ = ["ClipFeatureEncoder", "build_clip_tower", "pretrained_clip_state_dict"]

@@ -37,7 +37,7 @@ from .data import EvalImages, ImageRecord, collate_images, scan_inputs
 from .fileio import atomic_path, atomic_write_json
 from .metrics import (
     LPIPS_NETS,
-    CodeUsage,
+    IdUsage,
     ReconstructionMetrics,
     bits_per_pixel,
     build_lpips,
@@ -125,13 +125,14 @@ class EvalResult:
         if "unmatched_originals" in s:
             lines.append(f"unpaired        {s['unmatched_originals']} originals, "
                          f"{s['unmatched_reconstructions']} reconstructions")
-        codes = s.get("codes")
-        if codes:
-            for j, cb in enumerate(codes["codebooks"]):
+        usage = s.get("id_usage")
+        if usage:
+            for j, cb in enumerate(usage["codebooks"]):
                 lines.append(f"codebook {j}      usage {cb['used']}/{s['codebook_size']} ({100 * cb['usage']:.1f}%), "
                              f"perplexity {cb['perplexity']:.1f}")
-            if "joint" in codes:
-                lines.append(f"joint code      {codes['joint']['used']} distinct, perplexity {codes['joint']['perplexity']:.1f}")
+            if "joint" in usage:
+                lines.append(f"joint id        {usage['joint']['used']} distinct, perplexity "
+                             f"{usage['joint']['perplexity']:.1f}")
             lines.append(f"bits per pixel  {s['bits_per_pixel']:.4f} raw, {s['bits_per_pixel_entropy']:.4f} at the "
                          "empirical per-codebook entropy")
         return "\n".join(lines)
@@ -173,7 +174,7 @@ class _Accumulator:
         for r in self.resolutions:
             values = self.metrics[r].update(resize_unit(originals, r), resize_unit(reconstructions, r))
             for name, v in values.items():
-                for row, x in zip(rows, v.tolist()):
+                for row, x in zip(rows, v.tolist(), strict=True):
                     row[f"{name}_{r}"] = x
         self.rows.extend(rows)
 
@@ -209,7 +210,8 @@ def _protocol(options: EvalOptions, resolution: int, pad_mode: str, models: Metr
     }
 
 
-def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageRecord], options: EvalOptions | None = None,
+def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageRecord],
+                       options: EvalOptions | None = None,
                        models: MetricModels | None = None) -> EvalResult:
     """Encode and decode every input image with `tokenizer` and score the reconstructions."""
     options = options or EvalOptions()
@@ -218,7 +220,8 @@ def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageR
     resolution = cfg.resolution
     if options.resolution is not None and options.resolution != resolution:
         raise ValueError(f"the tokenizer works at {resolution} px but resolution {options.resolution} was asked; "
-                         f"leave it out (or {resolution}) and add --also {options.resolution} to score resized images too")
+                         f"leave it out (or {resolution}) and add --also {options.resolution} to score resized "
+                         "images too")
     pad_mode = options.pad_mode or cfg.pad_mode
     inputs = list(inputs)
     skipped: list[dict] = []
@@ -236,7 +239,7 @@ def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageR
     models.to(device)
     acc = _Accumulator(resolution, options.also, models)
     acc.failed.extend(_skipped_rows(skipped))
-    usage = CodeUsage(cfg.num_codebooks, cfg.codebook_size)
+    usage = IdUsage(cfg.num_codebooks, cfg.codebook_size)
     dataset = EvalImages(records, resolution, pad_mode, cfg.image_mean, cfg.image_std)
     for index, pixels, bad in _batches(dataset, options, len(records)):
         acc.failed.extend({"name": records[i].name, "reason": reason} for i, reason in bad)
@@ -249,16 +252,16 @@ def evaluate_tokenizer(tokenizer, inputs: Iterable[str | Path] | Sequence[ImageR
             originals = ((tokenizer.target(pixels.to(device)) + 1) / 2).clamp_(0, 1)
             acc.add([{"name": records[i].name} for i in index.tolist()], originals, reconstructions)
 
-    codes = usage.summary()
+    id_usage = usage.summary()
     raw_bpp = bits_per_pixel(tokenizer.num_tokens, cfg.num_bits, resolution)
-    entropy_bits = sum(cb["entropy_bits"] for cb in codes["codebooks"])
+    entropy_bits = sum(cb["entropy_bits"] for cb in id_usage["codebooks"])
     summary = {
         "mode": "tokenizer",
         "inputs": [str(i.name if isinstance(i, ImageRecord) else i) for i in inputs],
         "protocol": _protocol(options, resolution, pad_mode, models, "decoder output rounded to 8 bits"),
         **acc.summary(),
         "codebook_size": cfg.codebook_size,
-        "codes": codes,
+        "id_usage": id_usage,
         "bits_per_pixel": raw_bpp,
         "bits_per_pixel_entropy": bits_per_pixel(tokenizer.num_tokens, entropy_bits, resolution),
         "failed": acc.failed,
@@ -288,7 +291,8 @@ def _pair_key(record: ImageRecord, root: Path) -> str:
 def _keyed(folder: Path) -> tuple[dict[str, ImageRecord], list[dict]]:
     """The images of `folder` by pairing key, and the inputs left out while listing it."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder (two-folder mode compares ORIGINALS and RECONSTRUCTIONS folders)")
+        raise FileNotFoundError(f"{folder} is not a folder (two-folder mode compares ORIGINALS and RECONSTRUCTIONS "
+                                "folders)")
     out: dict[str, ImageRecord] = {}
     scan = scan_inputs([folder])
     for record in scan.records:
@@ -332,7 +336,8 @@ def evaluate_folders(originals: str | Path, reconstructions: str | Path, options
     keys = [k for k in a if k in b]
     if not keys:
         raise ValueError(f"no image in {reconstructions} has a counterpart in {originals} "
-                         f"({len(a)} originals, {len(b)} reconstructions; pairs share the relative path without the extension)")
+                         f"({len(a)} originals, {len(b)} reconstructions; pairs share the relative path without the "
+                         "extension)")
     pairs = [(a[k], b[k]) for k in _limit(keys, options.max_images)]
 
     device = options.torch_device()

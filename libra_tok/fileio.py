@@ -1,7 +1,9 @@
-"""Atomic file writes: a file either has its old content or its complete new content.
+"""Writing files safely: atomic writes, and output paths checked before any work.
 
 Everything the project writes for later use (checkpoints, shards, manifests, reports) goes
-through `atomic_path`: write under a temporary name in the same folder, fsync, rename.
+through `atomic_path`: write under a temporary name in the same folder, fsync, rename, so a
+file either has its old content or its complete new content. `check_output_folder` /
+`check_output_file` refuse an output path that cannot be made before anything is computed.
 """
 
 from __future__ import annotations
@@ -76,7 +78,37 @@ def atomic_save_image(image: Any, path: str | Path, **save_kwargs: Any) -> None:
         image.save(tmp, format=fmt, **save_kwargs)
 
 
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that cannot be made: a file stands at its
+    place or at the place of one of its parents."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{option} {path} is a file, not a folder; choose another {option}")
+    _check_parents(path, option)
+    return path
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Refuse, before any work, an output file path that is a folder or lies under a file."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a folder; give a file name")
+    _check_parents(path, option)
+    return path
+
+
+def _check_parents(path: Path, option: str) -> None:
+    for parent in path.parents:  # nearest first: the first one that exists decides
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{option} {path} lies under {parent}, which is a file, not a folder; "
+                                         f"choose another {option}")
+            return
+
+
 __all__ = [
+    "check_output_folder",
+    "check_output_file",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",

@@ -1,6 +1,7 @@
 """Tokenizer training losses: reconstruction, LPIPS, PatchGAN hinge with the adaptive weight.
 
-The official `VQLPIPSWithDiscriminator` (reference 1.7), made runnable:
+The official `VQLPIPSWithDiscriminator` (`libra/models/libra/taming/modules/losses/vqperceptual.py`;
+docs/official-formats.md#tokenizer-behaviour), made runnable:
     nll   = mean(l1 * |x - x^| + l2 * (x - x^)^2 + perceptual_weight * LPIPS(x, x^))
     g     = -mean(D(x^))
     w     = clamp(||grad_last nll|| / (||grad_last g|| + 1e-4), 0, 1e4) * disc_weight
@@ -56,7 +57,8 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, disc_weight: float) -> torch.Tensor:
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    disc_weight: float) -> torch.Tensor:
     """Balance the GAN gradient against the reconstruction gradient at the decoder's last layer."""
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]

@@ -1,4 +1,4 @@
-"""Reconstruction metrics with a stated protocol: PSNR, SSIM, LPIPS, rFID, code usage, bits per pixel.
+"""Reconstruction metrics with a stated protocol: PSNR, SSIM, LPIPS, rFID, id usage, bits per pixel.
 
 Images are float tensors (B, 3, H, W) in [0, 1]; every per-image metric is computed per image
 and then averaged (the mean of per-image values, as LlamaGen and Open-MAGVIT2 report).
@@ -52,7 +52,8 @@ def default_weights_dir() -> Path:
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"expected two image batches of the same shape (B, C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"expected two image batches of the same shape (B, C, H, W), got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     return x.double(), y.double()
 
 
@@ -138,7 +139,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}")
     root1 = _psd_sqrt(sigma1)
     inner = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
@@ -177,7 +179,8 @@ class FeatureStatistics:
         return self._m2 / (self.count - 1)
 
     def frechet_distance(self, other: "FeatureStatistics") -> float:
-        return frechet_distance(self.mean.numpy(), self.covariance().numpy(), other.mean.numpy(), other.covariance().numpy())
+        return frechet_distance(self.mean.numpy(), self.covariance().numpy(), other.mean.numpy(),
+                                other.covariance().numpy())
 
 
 # ---- FID Inception -----------------------------------------------------------------------
@@ -267,7 +270,8 @@ def load_fid_inception(path: str | Path | None = None, device: str | torch.devic
     try:
         model = FIDInception(state)
     except RuntimeError as exc:
-        raise ValueError(f"{path} is not the FID Inception state dict ({FID_WEIGHTS_FILE}): {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{path} is not the FID Inception state dict ({FID_WEIGHTS_FILE}): "
+                         f"{str(exc).splitlines()[0]}") from None
     return model.to(device)
 
 
@@ -372,7 +376,8 @@ class ReconstructionMetrics:
             "ssim_uniform7": ssim_uniform7(reconstructions, originals),
         }
         for name, model in self.lpips_models.items():  # lpips takes [-1, 1]
-            values[f"lpips_{name}"] = model(2 * originals.float() - 1, 2 * reconstructions.float() - 1).flatten().double()
+            distance = model(2 * originals.float() - 1, 2 * reconstructions.float() - 1)
+            values[f"lpips_{name}"] = distance.flatten().double()
         for name, v in values.items():
             self.means[name].update(v)
         if self.inception is not None:
@@ -392,9 +397,10 @@ class ReconstructionMetrics:
         return out
 
 
-class CodeUsage:
-    """Histogram of token ids (B, tokens, num_codebooks): usage (fraction of codes used) and
-    perplexity exp(H) per sub-codebook, and of the joint code when it has at most 2^20 values."""
+class IdUsage:
+    """Histogram of token ids (B, tokens, num_codebooks): usage (fraction of the ids used) and
+    perplexity exp(H) per codebook, and of the joint id (id1 * codebook_size + id2) when it has
+    at most 2^20 values."""
 
     def __init__(self, num_codebooks: int = 2, codebook_size: int = 512):
         self.num_codebooks = num_codebooks
@@ -459,6 +465,6 @@ __all__ = [
     "default_weights_dir",
     "Mean",
     "ReconstructionMetrics",
-    "CodeUsage",
+    "IdUsage",
     "bits_per_pixel",
 ]

@@ -1,4 +1,6 @@
-"""ImageTokenizer: frozen CLIP features -> two LFQ ids per patch -> conv decoder.
+"""ImageTokenizer: frozen CLIP features -> two LFQ ids per patch -> conv decoder; its own
+folder format (config.json + model.safetensors), and building it from a checked state dict
+(`from_state`, used for our folders and, through libra_tok.official, for official ones).
 
     tok = ImageTokenizer.from_pretrained("path/to/tokenizer")      # or load_official(...)
     pixels = tok.preprocess([Image.open("cat.jpg")])                # (B, 3, R, R), CLIP-normalised
@@ -8,8 +10,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,19 +20,22 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import CheckpointError, load_official, load_tokenizer_state, read_state_dict
 from .config import TokenizerConfig
+from .data import load_image
 from .decoder import Decoder
 from .encoder import ClipFeatureEncoder
 from .fileio import atomic_save_safetensors, atomic_write_json
+from .official import read_official
+from .precision import autocast_for
 from .preprocess import clip_to_signed, preprocess_images
 from .quantizer import Quantizer
+from .version import __version__
+from .weight_files import CheckpointError, key_problems, read_state_dict, sample_keys
 
 FORMAT_NAME = "libra-tok"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -45,25 +50,6 @@ class TokenizerOutput:
     ids: torch.Tensor
     aux_loss: torch.Tensor  # LFQ entropy + commitment (weighted), 0 in eval mode
     features: torch.Tensor
-
-
-def resolve_precision(device: torch.device, precision: str) -> str:
-    """"fp32", "bf16" or "fp16": what `precision` means on `device` ("auto": bf16 on CUDA,
-    fp32 elsewhere)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast, fp32, or "auto" (see resolve_precision)."""
-    precision = resolve_precision(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _read_config(path: Path) -> dict:
@@ -89,6 +75,34 @@ def _lm_folder_kind(meta: dict) -> str | None:
     return None
 
 
+def _unused_tower_key(key: str, kept_blocks: int) -> bool:
+    """Tower weights the official model computes but never uses (blocks after the last
+    feature layer, the final LayerNorm, the projection); our encoder prunes them."""
+    if not key.startswith("encoder.tower."):
+        return False
+    key = key[len("encoder.tower."):]
+    match = re.match(r"transformer\.resblocks\.(\d+)\.", key)
+    return (match is not None and int(match.group(1)) >= kept_blocks) or key.startswith("ln_post.") or key == "proj"
+
+
+def check_tokenizer_state(model: "ImageTokenizer", state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Raise a CheckpointError listing every missing, unexpected or mis-shaped key of `state`
+    for `model`; tower weights the encoder prunes may be present."""
+    expected = model.state_dict()
+    kept_blocks = len(model.encoder.tower.transformer.resblocks)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k in set(state) - set(expected) if not _unused_tower_key(k, kept_blocks))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = key_problems(missing, unexpected, mismatched)
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems)
+                              + (f"\n{hint}" if hint else ""))
+
+
 class ImageTokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig | str, load_clip_weights: bool = True, *, trust_pickle: bool = False):
         """A tokenizer of `config` (or preset name): CLIP weights from config.clip_pretrained
@@ -109,10 +123,26 @@ class ImageTokenizer(nn.Module):
 
     @classmethod
     def empty(cls, config: TokenizerConfig) -> "ImageTokenizer":
-        """A model on the meta device (no memory, no random init) for
-        `checkpoint.load_tokenizer_state`, which checks shapes and assigns real tensors."""
+        """A model on the meta device (no memory, no random init), for `from_state`, which
+        checks shapes and assigns real tensors."""
         with torch.device("meta"):
             return cls(config, load_clip_weights=False)
+
+    @classmethod
+    def from_state(cls, config: TokenizerConfig, state: dict[str, torch.Tensor], source: str,
+                   hint: str = "") -> "ImageTokenizer":
+        """A tokenizer of `config` holding the tensors of `state` (our names): every key and shape
+        is checked first (check_tokenizer_state), so a CheckpointError lists all that does not
+        fit; `source` names where `state` came from, `hint` what to try then."""
+        model = cls.empty(config)
+        check_tokenizer_state(model, state, source, hint)
+        expected = model.state_dict()
+        model.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True, assign=True)
+        model.quantizer.reset_nonpersistent_buffers()  # LFQ codebook/zero are not in state dicts
+        still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if still_meta:
+            raise CheckpointError(f"{source}: tensors left without data after loading: {sample_keys(still_meta)}")
+        return model
 
     @classmethod
     def from_pretrained(
@@ -123,20 +153,23 @@ class ImageTokenizer(nn.Module):
         `libra_tok.checkpoint.load_official`). trust_pickle: allow Python objects besides
         tensors in a .ckpt pickle (only for files you trust)."""
         path = Path(path).expanduser()
+        official = None
         if (path / CONFIG_FILE).is_file():
             meta = _read_config(path / CONFIG_FILE)
             if meta.get("format") != FORMAT_NAME and (path / "vqgan.ckpt").is_file():
                 # An official Libra LM folder: the LM's config.json beside the tokenizer's files.
-                model = load_official(path, trust_pickle=trust_pickle)
+                official = read_official(path, trust_pickle=trust_pickle)
             else:
                 model = cls._load_ours(path, meta)
         elif path.is_file() or (path / "vqgan.ckpt").is_file():
-            model = load_official(path, trust_pickle=trust_pickle)
+            official = read_official(path, trust_pickle=trust_pickle)
         else:
             raise FileNotFoundError(
                 f"{path} is not a tokenizer: expected a folder written by save_pretrained "
                 f"({CONFIG_FILE} + {WEIGHTS_FILE}), an official Libra folder with vqgan.ckpt, or a .ckpt file"
             )
+        if official is not None:
+            model = cls.from_state(official.config, official.state, official.source, official.hint)
         return model.to(device) if device is not None else model
 
     @classmethod
@@ -160,14 +193,10 @@ class ImageTokenizer(nn.Module):
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-        model = cls.empty(TokenizerConfig.from_dict(meta["config"]))
-        load_tokenizer_state(model, read_state_dict(weights), str(weights))
-        return model
+        return cls.from_state(TokenizerConfig.from_dict(meta["config"]), read_state_dict(weights), str(weights))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write `config.json` + `model.safetensors` (CLIP included: the folder stands alone)."""
-        from . import __version__
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(self.state_dict(), path / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -207,9 +236,10 @@ class ImageTokenizer(nn.Module):
     # ---- the pipeline ----------------------------------------------------------------------
     def preprocess(self, images: Iterable[Image.Image | str | Path], pad_mode: str | None = None) -> torch.Tensor:
         """PIL images (or paths) -> (B, 3, R, R) CLIP-normalised float32 on the CPU. A path that
-        is not a readable image is a ValueError naming it and the reason (libra_tok.data.read_image)."""
+        is not a readable image is a ValueError naming it and the reason (libra_tok.data.load_image)."""
         if isinstance(images, (Image.Image, str, Path)):
             images = [images]
+        images = [load_image(item) if isinstance(item, (str, Path)) else item for item in images]
         cfg = self.config
         return preprocess_images(images, cfg.resolution, pad_mode or cfg.pad_mode, cfg.image_mean, cfg.image_std)
 
@@ -253,4 +283,4 @@ class ImageTokenizer(nn.Module):
         return TokenizerOutput(reconstruction=self.decoder(q.z), ids=q.ids, aux_loss=q.aux_loss, features=features)
 
 
-__all__ = ["ImageTokenizer", "EncodeOutput", "TokenizerOutput", "autocast_for", "resolve_precision", "PRECISIONS"]
+__all__ = ["ImageTokenizer", "EncodeOutput", "TokenizerOutput", "check_tokenizer_state"]

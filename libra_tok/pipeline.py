@@ -1,5 +1,5 @@
-"""Dataset-scale tokenizer runs: images -> id shards (`encode`), shards -> images (`decode`),
-and side-by-side reconstructions with PSNR (`reconstruct`).
+"""Dataset-scale tokenizer runs: images -> id shards (`encode_to_shards`), shards -> images
+(`decode_shards`), and side-by-side reconstructions with PSNR (`reconstruct_images`).
 
 Encoding splits the sorted input list into fixed slices, one shard each; rank r of w writes the
 shards k with k % w == r. A rerun skips complete shards and redoes the rest, so a killed run
@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image, scan_inputs
-from .fileio import atomic_path, atomic_save_image, atomic_write_json
 from .config import PRESETS, TokenizerConfig
-from .model import PRECISIONS, ImageTokenizer, resolve_precision
+from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image, scan_inputs
+from .fileio import atomic_path, atomic_save_image, atomic_write_json, check_output_folder
 from .metrics import psnr_signed
+from .model import ImageTokenizer
+from .precision import PRECISIONS, resolve_precision
 from .preprocess import preprocess_image, side_by_side, to_pil
 from .shards import SKIPPED_FILE, ShardWriter, open_shards, read_manifest, remove_stale_temporaries, shard_folders
 
@@ -84,39 +85,12 @@ def load_tokenizer_matching(identity: dict[str, Any], path: str | Path | None = 
             raise FileNotFoundError(f"the image tokenizer of {what} ({source or 'source not recorded'}) is not here; "
                                     f"{hint}")
         tok = load_tokenizer(preset=names[0], device=device)
-    if tok.config.architecture_hash() != identity["architecture_hash"] or weights_digest(tok) != identity["weights_sha256"]:
+    if (tok.config.architecture_hash() != identity["architecture_hash"]
+            or weights_digest(tok) != identity["weights_sha256"]):
         where = f" ({path})" if path else (f" ({source})" if source else "")
         raise ValueError(f"the image tokenizer{where} differs from the one of {what} (weights digest): its ids and "
                          f"features would not match; {hint}")
     return tok
-
-
-def check_output_folder(path: str | Path, option: str = "--out") -> Path:
-    """Refuse, before any work, an output folder that cannot be made: a file stands at its
-    place or at the place of one of its parents."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{option} {path} is a file, not a folder; choose another {option}")
-    _check_parents(path, option)
-    return path
-
-
-def check_output_file(path: str | Path, option: str) -> Path:
-    """Refuse, before any work, an output file path that is a folder or lies under a file."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise IsADirectoryError(f"{option} {path} is a folder; give a file name")
-    _check_parents(path, option)
-    return path
-
-
-def _check_parents(path: Path, option: str) -> None:
-    for parent in path.parents:  # nearest first: the first one that exists decides
-        if parent.exists():
-            if not parent.is_dir():
-                raise NotADirectoryError(f"{option} {path} lies under {parent}, which is a file, not a folder; "
-                                         f"choose another {option}")
-            return
 
 
 def _positive(value: Any, name: str, minimum: int = 1) -> None:
@@ -256,7 +230,7 @@ class EncodeSummary:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
-def encode_images(
+def encode_to_shards(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
     tokenizer: ImageTokenizer,
@@ -334,7 +308,7 @@ def encode_images(
     total = sum(end - start for start, end in todo_slices)
     bar = tqdm(total=total, desc=f"encode (rank {rank}/{world})" if world > 1 else "encode", unit="img",
                disable=not progress, dynamic_ncols=True)
-    owner = {i: k for k, (start, end) in zip(todo, todo_slices) for i in range(start, end)}
+    owner = {i: k for k, (start, end) in zip(todo, todo_slices, strict=True) for i in range(start, end)}
     writer: ShardWriter | None = None
     failed: list[dict[str, Any]] = []
     seen = 0
@@ -349,7 +323,8 @@ def encode_images(
             if pixels is not None:
                 out = tokenizer.encode(pixels, precision=precision)
                 feats = out.features.half().cpu().numpy() if feature_dim else None
-                writer.add(out.ids.to(torch.int32).cpu().numpy(), [_meta(records[i], s) for i, s in zip(indices, sizes)], feats)
+                metas = [_meta(records[i], s) for i, s in zip(indices, sizes, strict=True)]
+                writer.add(out.ids.to(torch.int32).cpu().numpy(), metas, feats)
             seen += len(indices) + len(bad)
             summary.processed += len(indices) + len(bad)
             bar.update(len(indices) + len(bad))
@@ -400,7 +375,7 @@ def decode_shards(shard_dir: str | Path, out_dir: str | Path, tokenizer: ImageTo
     if wrong:  # before the tokenizer is loaded or anything is written
         raise ValueError(f"sample index {wrong[0]} is out of range: {shard_dir} holds {len(shards)} samples, "
                          f"numbered 0-{len(shards) - 1}")
-    recorded = shards.manifest["tokenizer"]
+    recorded = shards.tokenizer
     if tokenizer is None:
         tokenizer = load_tokenizer_matching(recorded, what=f"the shards in {shard_dir}",
                                             hint="pass the tokenizer that encoded them with --checkpoint PATH",
@@ -418,7 +393,7 @@ def decode_shards(shard_dir: str | Path, out_dir: str | Path, tokenizer: ImageTo
         samples = [shards[i] for i in chunk]
         ids = torch.from_numpy(np.stack([s.ids for s in samples]).astype(np.int64))
         images = tokenizer.decode(ids, precision=precision)
-        for i, sample, image in zip(chunk, samples, images):
+        for i, sample, image in zip(chunk, samples, images, strict=True):
             path = out_dir / f"{i:07d}_{_stem(sample.meta)}.png"
             atomic_save_image(to_pil(image), path)
             written.append(path)
@@ -529,12 +504,14 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
         recon = tokenizer.decode(tokenizer.encode(pixels, precision=precision).ids, precision=precision)
         target = tokenizer.target(pixels.to(recon.device))
         scores = psnr_signed(recon, target)
-        for i, t, r, score in zip(indices, target, recon, scores):
+        for i, t, r, score in zip(indices, target, recon, scores, strict=True):
             triple = side_by_side([[to_pil(t), to_pil(r), error_heatmap(t, r)]])
             path = out_dir / names[i]
             atomic_save_image(triple, path)
             rows.append({"name": records[i].name, "psnr": round(float(score), 4), "file": path.name})
-            thumbs.append(triple if triple.width <= 3 * 256 else triple.resize((3 * 256, round(triple.height * 3 * 256 / triple.width))))
+            if triple.width > 3 * 256:  # contact-sheet thumbnails: 256 px per image
+                triple = triple.resize((3 * 256, round(triple.height * 3 * 256 / triple.width)))
+            thumbs.append(triple)
     table = out_dir / "psnr.csv"
     with atomic_path(table) as tmp:
         with open(tmp, "w", newline="") as fh:
@@ -552,6 +529,6 @@ def reconstruct_images(inputs: Sequence[str | Path], out_dir: str | Path, tokeni
     return ReconstructResult(rows, sheet, table, failed)
 
 
-__all__ = ["load_tokenizer", "load_tokenizer_matching", "tokenizer_identity", "weights_digest", "plan_shards", "encode_images", "EncodeSummary", "decode_shards",
-           "reconstruct_images", "ReconstructResult", "error_heatmap", "check_output_folder", "check_output_file",
-           "REPORT_FILES"]
+__all__ = ["load_tokenizer", "load_tokenizer_matching", "tokenizer_identity", "weights_digest", "plan_shards",
+           "encode_to_shards", "EncodeSummary", "decode_shards", "reconstruct_images", "ReconstructResult",
+           "error_heatmap", "REPORT_FILES"]

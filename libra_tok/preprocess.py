@@ -1,7 +1,10 @@
-"""Image preprocessing as the official Libra pipeline, robust to every PIL image mode.
+"""Image preprocessing as the official Libra pipeline, robust to every PIL image mode: pixels
+only (reading files is `libra_tok.data`'s).
 
-Official (reference 3.2, 4): `expand2square` with the CLIP mean colour (122, 116, 104) as
-background, then CLIPImageProcessor (bicubic resize to 336, centre crop, CLIP mean/std).
+Official (`libra/data/processors/libra_processor.py`, `demo/libra_demo.ipynb`;
+docs/official-formats.md#tokenizer-behaviour): `expand2square` with the CLIP mean colour
+(122, 116, 104) as background, then CLIPImageProcessor (bicubic resize to 336, centre crop,
+CLIP mean/std).
 After the square padding the centre crop is a no-op, so pad -> bicubic resize -> normalise
 is exact. "crop" mode takes the centre square instead of padding. The square is resized in
 bands, never held whole (same bytes); a thin strip whose padded square would be far larger
@@ -11,8 +14,8 @@ than the image is first shrunk (see MAX_SQUARE_SIDE), so time and memory stay bo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,21 +86,6 @@ def center_square(image: Image.Image) -> Image.Image:
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return image.crop((left, top, left + side, top + side))
-
-
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Read an image file and convert it to RGB, with the bounds of `libra_tok.data.read_image`
-    (a FIFO or device is refused, not opened; oversized files and images are refused).
-    A missing file is a FileNotFoundError, any other unusable file a ValueError naming it."""
-    from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image {path} does not exist")
-    try:
-        return read_image(ImageRecord(str(path)), max_pixels or DEFAULT_MAX_PIXELS)
-    except ImageReadError as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
 
 
 # Preprocessing pads (or crops) to a square and resizes that square to the model resolution.
@@ -198,16 +186,19 @@ def preprocess_image(
 
 
 def preprocess_images(
-    images: Iterable[Image.Image | str | Path],
+    images: Iterable[Image.Image],
     resolution: int,
     pad_mode: str = "pad",
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
 ) -> torch.Tensor:
-    """PIL images or paths -> (B, 3, R, R)."""
+    """PIL images -> (B, 3, R, R). Files are read by `libra_tok.data.load_image` (or
+    `ImageTokenizer.preprocess`, which takes paths too)."""
     tensors = []
-    for item in images:
-        image = load_image(item) if isinstance(item, (str, Path)) else item
+    for image in images:
+        if isinstance(image, (str, Path)):
+            raise TypeError(f"preprocess_images takes PIL images, got the path {str(image)!r}; read it with "
+                            "libra_tok.data.load_image, or pass paths to ImageTokenizer.preprocess")
         tensors.append(preprocess_image(image, resolution, pad_mode, mean, std))
     if not tensors:
         raise ValueError("preprocess needs at least one image")
@@ -218,17 +209,20 @@ def _channel_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
 
-def normalize(pixels01: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def normalize(pixels01: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
+              std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """[0, 1] pixels (..., 3, H, W) -> CLIP-normalised."""
     return (pixels01 - _channel_view(mean, pixels01)) / _channel_view(std, pixels01)
 
 
-def clip_to_unit(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def clip_to_unit(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """CLIP-normalised pixels -> [0, 1]."""
     return pixels * _channel_view(std, pixels) + _channel_view(mean, pixels)
 
 
-def clip_to_signed(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+def clip_to_signed(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN,
+                   std: Sequence[float] = CLIP_STD) -> torch.Tensor:
     """CLIP-normalised pixels -> [-1, 1]: the decoder's target (official `clip_to_rgb`)."""
     return clip_to_unit(pixels, mean, std) * 2.0 - 1.0
 
@@ -264,7 +258,6 @@ __all__ = [
     "to_rgb",
     "expand2square",
     "center_square",
-    "load_image",
     "preprocess_image",
     "preprocess_images",
     "normalize",

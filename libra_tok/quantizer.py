@@ -1,6 +1,8 @@
 """Lookup-free quantization of CLIP features into two 9-bit ids per patch.
 
-Official layout (reference 1.4, 6.1): `quant_conv` 1x1 conv (4096 -> 1024), LFQ with
+Official layout (`libra/models/libra/taming/models/vqgan.py` and
+`libra/models/libra/taming/modules/quantization/lookup_free_quantization.py`;
+docs/official-formats.md#tokenizer-behaviour): `quant_conv` 1x1 conv (4096 -> 1024), LFQ with
 `project_in` Linear(1024 -> 18), sign (value > 0 -> 1, exactly 0 -> 0), split into
 2 codebooks of 9 bits: dims 0-8 -> id1, dims 9-17 -> id2, first dim of a group = MSB.
 Decoding: ids -> +-1 codes -> `project_out` Linear(18 -> 1024) -> `post_quant_conv`.
@@ -124,7 +126,8 @@ class Quantizer(nn.Module):
         return codes.reshape(*ids.shape[:-1], self.num_codebooks * self.codebook_bits)
 
     def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
-        """(..., num_codebooks * bits) real values -> ids; value > 0 is bit 1 (MSB first)."""
+        """(..., num_codebooks * bits) codes, or the real values before the sign -> ids;
+        value > 0 is bit 1 (MSB first)."""
         bits = (codes > 0).long().unflatten(-1, (self.num_codebooks, self.codebook_bits))
         return (bits * self.lfq.mask.long()).sum(-1)
 
@@ -136,7 +139,8 @@ class Quantizer(nn.Module):
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.shape[-1] != self.num_codebooks:
-            raise ValueError(f"ids must end in a dimension of {self.num_codebooks} codebooks, got shape {tuple(ids.shape)}")
+            raise ValueError(f"ids must end in a dimension of {self.num_codebooks} codebooks, got shape "
+                             f"{tuple(ids.shape)}")
         if ids.dtype.is_floating_point:
             raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.lfq.codebook_size):
