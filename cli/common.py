@@ -107,7 +107,7 @@ def _tuple_callback(scalar):
         try:
             return tuple(scalar(v.strip()) for v in value.split(","))
         except ValueError:
-            raise click.BadParameter(f"expected comma-separated {scalar.__name__} values, got {value!r}")
+            raise click.BadParameter(f"expected comma-separated {scalar.__name__} values, got {value!r}") from None
 
     return parse
 
@@ -120,7 +120,7 @@ def _mapping_callback(ctx, param, value):
     try:
         data = yaml.safe_load(value)
     except yaml.YAMLError as exc:
-        raise click.BadParameter(f"not a YAML mapping: {exc}")
+        raise click.BadParameter(f"not a YAML mapping: {exc}") from None
     if not isinstance(data, dict):
         raise click.BadParameter(f"expected a mapping such as '{{clip_pretrained: /path}}', got {value!r}")
     return data
@@ -145,11 +145,11 @@ def run_options(cls, config_file, resume: bool, options: dict, data=()) -> dict:
     the run in --out-dir saved), overridden by what was given on the command line."""
     from pathlib import Path
 
-    from libra_tok.train import load_config_file
+    from libra_tok.run.options import TRAIN_CONFIG, load_config_file
 
     overrides = options_to_overrides(options)
     base: dict = load_config_file(config_file) if config_file else {}
-    saved = Path(overrides.get("out_dir", base.get("out_dir", cls.out_dir))) / "train_config.json"
+    saved = Path(overrides.get("out_dir", base.get("out_dir", cls.out_dir))) / TRAIN_CONFIG
     if resume and not config_file and saved.is_file():
         base = load_config_file(saved)
     if data:

@@ -5,15 +5,19 @@
     train(TrainConfig(stage="pretrain", data=["shards/"], preset="tiny", text_tokenizer="tokenizer.model",
                       steps=200, out_dir="runs/pretrain"))
 
-Defaults are the official hyper-parameters (reference 3.2 / 3.3): AdamW betas (0.9, 0.99),
-eps 1e-8, weight decay 0.01 except norms and biases, cosine schedule with 5 % warm-up,
-gradient clipping at 1.0, bf16 on GPU; pretraining lr 1e-4, 8 x 4 sequences per GPU and
-step, 700 tokens; instruction tuning lr 2e-5, 2 x 8, 2048 tokens, one epoch. Pretraining
-freezes every parameter without "vision" in its name (reference 2.11): those get neither
-gradients nor optimizer state, and checkpoints hold only what trains.
+Defaults are the official hyper-parameters (`libra/configs/libra_pretrain.yaml`,
+`libra/configs/libra_instruction.yaml`; docs/official-formats.md#lm-behaviour): AdamW betas
+(0.9, 0.99), eps 1e-8, weight decay 0.01 except norms and biases, cosine schedule with 5 %
+warm-up, gradient clipping at 1.0, bf16 on GPU; pretraining lr 1e-4, 8 x 4 sequences per GPU
+and step, 700 tokens; instruction tuning lr 2e-5, 2 x 8, 2048 tokens, one epoch. Pretraining
+freezes every parameter without "vision" in its name (the official `frozen_language: True`
+of `libra_pretrain.yaml`): those get neither gradients nor optimizer state, and checkpoints
+hold only what trains.
 
-The data order is a function of (seed, sample number) (`libra_tok.train.KeyedBatches`), so a
-resumed run continues exactly as an uninterrupted one (bitwise on CPU).
+The data order is a function of (seed, sample number) (`libra_tok.run.KeyedBatches`), so a
+resumed run continues exactly as an uninterrupted one (bitwise on CPU). This module holds the
+LM's steps, losses and validation; the run folder, checkpoints, resume rules, metrics, loss
+plot and the loop come from `libra_tok.run`, shared with the tokenizer trainer.
 """
 
 from __future__ import annotations
@@ -21,41 +25,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import math
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from libra_tok.fileio import atomic_path, atomic_write_bytes, atomic_write_json
-from libra_tok.model import autocast_for
-from libra_tok.train import (
-    CHECKPOINT_DIR,
-    LATEST,
-    METRICS,
+from libra_tok.fileio import atomic_write_bytes, atomic_write_json
+from libra_tok.precision import autocast_for
+from libra_tok.run import (
     TRUST_PICKLE_HELP,
-    Dist,
+    Cadence,
     KeyedBatches,
-    TrainingDiverged,
-    checkpoint_files,
+    RunOptions,
+    Throughput,
+    TrainingLoop,
+    all_reduce_sum,
+    barrier,
     holdout_indices,
-    load_config_file,
-    lr_lambda,
-    read_metrics,
+    missing_keys,
+    option,
     resume_state,
-    rng_state,
-    saved_options,
-    set_rng_state,
-    setup_distributed,
-    trim_metrics,
+    warmup_cosine,
 )
 
 from .config import LibraConfig
@@ -64,10 +60,11 @@ from .model import IGNORE_INDEX, LibraForCausalLM
 from .routing import RMSNorm
 from .text import MODEL_FILE
 
-log = logging.getLogger("libra_lm.train")
+log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "sft")
-# Official per-stage values (reference 3.2 / 3.3); steps None = `epochs` over the data.
+# Official per-stage values (`libra/configs/libra_pretrain.yaml`, `libra_instruction.yaml`);
+# steps None = `epochs` over the data.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"lr": 1e-4, "batch_size": 8, "grad_accum": 4, "max_length": 700, "steps": 40_000},
     "sft": {"lr": 2e-5, "batch_size": 2, "grad_accum": 8, "max_length": 2048, "steps": None},
@@ -77,71 +74,68 @@ LOSS_REDUCTIONS = ("tokens", "official")
 CHECKPOINT_FORMAT = "libra-lm-train"
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
-
-
 @dataclass
-class TrainConfig:
+class TrainConfig(RunOptions):
     """Every field can be set in a YAML/JSON file and overridden on the command line.
     Fields left at None take the stage's official value (STAGE_DEFAULTS)."""
 
-    stage: str = _help("pretrain (image-caption shards, frozen LLM) or sft (LLaVA JSON, everything trains)",
-                       default="pretrain")
-    data: list[str] = _help("pretrain: shard folders from `libra-tok encode`; sft: LLaVA-format JSON files",
-                            default_factory=list)
-    image_shards: list[str] = _help("sft: shard folders holding the images the JSON names", default_factory=list)
-    val_data: list[str] = _help("validation data, as `data` (pretrain: shard folders; sft: JSON files)",
-                                default_factory=list)
-    val_holdout: int = _help("samples held out of `data` for validation (when no val_data is given)", default=0)
-    val_every: int = _help("steps between validation losses (official: 200)", default=200)
-    val_max_samples: int | None = _help("validate on at most this many samples (official: 5000)", default=5000)
-    out_dir: str = _help("run folder: checkpoints, metrics, loss plot, the final model", default="runs/libra-lm")
-    init_from: str | None = _help("start from this model folder: an HF LLaMA, an official Libra or one of ours",
-                                  default=None)
-    preset: str = _help("LM preset for a fresh model when init_from is not given (tiny or libra-7b)", default="tiny")
-    lm: dict = _help("LibraConfig overrides for a fresh or an HF LLaMA model, e.g. {num_hidden_layers: 4}",
-                     default_factory=dict)
-    text_tokenizer: str | None = _help("SentencePiece tokenizer.model (default: the one in init_from)", default=None)
-    image_tokenizer: str | None = _help("image tokenizer to recompute CLIP features when the shards store none "
-                                        "(default: the one the shards name)", default=None)
-    input: str = _help("hybrid (ids + CLIP features, the paper) or discrete (ids only, ablation Tab. 3 f)",
-                       default="hybrid")
-    frozen_llm: bool | None = _help("train only the vision parts (default: on for pretrain, off for sft)", default=None)
-    steps: int | None = _help("optimizer steps (default: pretrain 40000, sft `epochs` over the data)", default=None)
-    epochs: float = _help("sft without steps: passes over the data", default=1.0)
-    batch_size: int | None = _help("sequences per micro-batch and process (default: pretrain 8, sft 2)", default=None)
-    grad_accum: int | None = _help("micro-batches per optimizer step (default: pretrain 4, sft 8)", default=None)
-    lr: float | None = _help("peak learning rate (default: pretrain 1e-4, sft 2e-5)", default=None)
-    betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.99))
-    eps: float = _help("AdamW epsilon", default=1e-8)
-    weight_decay: float = _help("AdamW weight decay (norm weights and biases excluded)", default=0.01)
-    warmup_ratio: float = _help("fraction of the steps with linear warm-up", default=0.05)
-    min_lr_ratio: float = _help("the cosine ends at lr * min_lr_ratio", default=0.0)
-    grad_clip: float = _help("max gradient norm (0 = off)", default=1.0)
-    loss_reduction: str = _help("tokens: mean over every label of the step, however it is split over micro-batches "
-                                "and processes; official: mean per micro-batch, averaged (HF Trainer)",
-                                default="tokens")
-    max_length: int | None = _help("tokens per sequence, longer ones cut (default: pretrain 700, sft 2048)",
+    stage: str = option("pretrain (image-caption shards, frozen LLM) or sft (LLaVA JSON, everything trains)",
+                        default="pretrain")
+    data: list[str] = option("pretrain: shard folders from `libra-tok encode`; sft: LLaVA-format JSON files",
+                             default_factory=list)
+    image_shards: list[str] = option("sft: shard folders holding the images the JSON names", default_factory=list)
+    val_data: list[str] = option("validation data, as `data` (pretrain: shard folders; sft: JSON files)",
+                                 default_factory=list)
+    val_holdout: int = option("samples held out of `data` for validation (when no val_data is given)", default=0)
+    val_every: int = option("steps between validation losses (official: 200)", default=200)
+    val_max_samples: int | None = option("validate on at most this many samples (official: 5000)", default=5000)
+    out_dir: str = option("run folder: checkpoints, metrics, loss plot, the final model", default="runs/libra-lm")
+    init_from: str | None = option("start from this model folder: an HF LLaMA, an official Libra or one of ours",
                                    default=None)
-    max_words: int = _help("pretrain: caption words kept (official 64)", default=64)
-    caption_eos: bool = _help("pretrain: end captions with EOS (the official Libra-Base has none)", default=False)
-    packing: bool = _help("pack the sequences of a micro-batch into rows of pack_length tokens", default=False)
-    pack_length: int | None = _help("tokens per packed row (default: max_length)", default=None)
-    gradient_checkpointing: bool = _help("recompute each decoder layer in the backward pass (official: on)",
-                                         default=True)
-    precision: str = _help("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16", default="auto")
-    attn_backend: str = _help("bridged attention: auto, eager, sdpa, flex or cuda", default="auto")
-    parallel: str = _help("multi-process training: auto (= ddp), ddp or fsdp (FSDP2 fully_shard per layer)",
-                          default="auto")
-    num_workers: int = _help("data-loader worker processes", default=2)
-    log_every: int = _help("steps between metric lines", default=10)
-    save_every: int = _help("steps between checkpoints", default=1000)
-    keep_checkpoints: int = _help("checkpoints kept on disk (older ones are deleted)", default=2)
-    max_minutes: float | None = _help("stop (with a checkpoint) after this many minutes", default=None)
-    seed: int = _help("seed of fresh weights and of the data order", default=42)
-    device: str | None = _help("cuda, cpu, ... (default: cuda if available)", default=None)
-    trust_pickle: bool = _help(TRUST_PICKLE_HELP, default=False)
+    preset: str = option("LM preset for a fresh model when init_from is not given (tiny or libra-7b)", default="tiny")
+    lm: dict = option("LibraConfig overrides for a fresh or an HF LLaMA model, e.g. {num_hidden_layers: 4}",
+                      default_factory=dict)
+    text_tokenizer: str | None = option("SentencePiece tokenizer.model (default: the one in init_from)", default=None)
+    image_tokenizer: str | None = option("image tokenizer to recompute CLIP features when the shards store none "
+                                         "(default: the one the shards name)", default=None)
+    input: str = option("hybrid (ids + CLIP features, the paper) or discrete (ids only, ablation Tab. 3 f)",
+                        default="hybrid")
+    frozen_llm: bool | None = option("train only the vision parts (default: on for pretrain, off for sft)",
+                                     default=None)
+    steps: int | None = option("optimizer steps (default: pretrain 40000, sft `epochs` over the data)", default=None)
+    epochs: float = option("sft without steps: passes over the data", default=1.0)
+    batch_size: int | None = option("sequences per micro-batch and process (default: pretrain 8, sft 2)", default=None)
+    grad_accum: int | None = option("micro-batches per optimizer step (default: pretrain 4, sft 8)", default=None)
+    lr: float | None = option("peak learning rate (default: pretrain 1e-4, sft 2e-5)", default=None)
+    betas: tuple[float, float] = option("AdamW betas", default=(0.9, 0.99))
+    eps: float = option("AdamW epsilon", default=1e-8)
+    weight_decay: float = option("AdamW weight decay (norm weights and biases excluded)", default=0.01)
+    warmup_ratio: float = option("fraction of the steps with linear warm-up", default=0.05)
+    min_lr_ratio: float = option("the cosine ends at lr * min_lr_ratio", default=0.0)
+    grad_clip: float = option("max gradient norm (0 = off)", default=1.0)
+    loss_reduction: str = option("tokens: mean over every label of the step, however it is split over micro-batches "
+                                 "and processes; official: mean per micro-batch, averaged (HF Trainer)",
+                                 default="tokens")
+    max_length: int | None = option("tokens per sequence, longer ones cut (default: pretrain 700, sft 2048)",
+                                    default=None)
+    max_words: int = option("pretrain: caption words kept (official 64)", default=64)
+    caption_eos: bool = option("pretrain: end captions with EOS (the official Libra-Base has none)", default=False)
+    packing: bool = option("pack the sequences of a micro-batch into rows of pack_length tokens", default=False)
+    pack_length: int | None = option("tokens per packed row (default: max_length)", default=None)
+    gradient_checkpointing: bool = option("recompute each decoder layer in the backward pass (official: on)",
+                                          default=True)
+    precision: str = option("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16", default="auto")
+    attn_backend: str = option("bridged attention: auto, eager, sdpa, flex or cuda", default="auto")
+    parallel: str = option("multi-process training: auto (= ddp), ddp or fsdp (FSDP2 fully_shard per layer)",
+                           default="auto")
+    num_workers: int = option("data-loader worker processes", default=2)
+    log_every: int = option("steps between metric lines", default=10)
+    save_every: int = option("steps between checkpoints", default=1000)
+    keep_checkpoints: int = option("checkpoints kept on disk (older ones are deleted)", default=2)
+    max_minutes: float | None = option("stop (with a checkpoint) after this many minutes", default=None)
+    seed: int = option("seed of fresh weights and of the data order", default=42)
+    device: str | None = option("cuda, cpu, ... (default: cuda if available)", default=None)
+    trust_pickle: bool = option(TRUST_PICKLE_HELP, default=False)
 
     def __post_init__(self) -> None:
         for name in ("data", "image_shards", "val_data"):
@@ -159,7 +153,8 @@ class TrainConfig:
             (self.input in INPUT_MODES, f"input must be one of {INPUT_MODES}, got {self.input!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
             (self.loss_reduction in LOSS_REDUCTIONS, f"loss_reduction must be one of {LOSS_REDUCTIONS}"),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1"),
             (self.steps is None or self.steps >= 0, "steps must be >= 0"),
             (self.epochs > 0, "epochs must be > 0"),
@@ -171,9 +166,6 @@ class TrainConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
-
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -182,14 +174,11 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(names)}")
         return cls(**data)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(load_config_file(path))
-
 
 # ---- losses ---------------------------------------------------------------------------------------
-def token_losses(out, labels: torch.Tensor, config: LibraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-position terms of the official loss (reference 2.9) from a forward with labels:
+def label_loss_terms(out, labels: torch.Tensor, config: LibraConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position terms of the official loss (`LibraForCausalLM.forward` in
+    `libra/models/libra/modeling_libra.py`; docs/official-formats.md#lm-behaviour) from a forward with labels:
     (loss (B, N-1), valid, is_image). A text label costs its cross-entropy, an image label the
     mean over codebooks of each codebook's cross-entropy; when no label ignores a single
     codebook, the official loss is loss[valid].sum() / valid.sum(), and the image and text
@@ -218,7 +207,13 @@ def lm_config_for(cfg: TrainConfig, images: ShardImages | None) -> tuple[LibraCo
     """(LM config of the run, where weights come from: "preset", "ours", "official" or "llama",
     the LibraConfig overrides an HF LLaMA folder needs). An HF LLaMA model takes its image
     sizes from the shards; a preset's must fit them (checked with the data)."""
-    from .checkpoint import config_from_llama, config_from_official, config_from_ours, detect_format, read_config_json
+    from .checkpoint import (
+        config_from_llama,
+        config_from_official,
+        config_from_ours,
+        detect_format,
+        read_config_json,
+    )
 
     image_fields = {}
     if images is not None:
@@ -318,93 +313,6 @@ def run_image_tokenizer(cfg: TrainConfig, shard_sets: Sequence[ShardImages]) -> 
     return dict(shard_sets[0].tokenizer) if shard_sets else recorded
 
 
-# ---- the loss plot ---------------------------------------------------------------------------------
-SERIES = (("loss", "train loss", (31, 119, 180)), ("loss_image", "image part", (255, 127, 14)),
-          ("loss_text", "text part", (44, 160, 44)), ("val_loss", "validation", (214, 39, 40)))
-
-
-def plot_losses(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "Libra LM training") -> Path:
-    """A PNG of the loss curves (train, its image and text parts, validation): matplotlib
-    when installed, else drawn with PIL."""
-    series = {key: [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))
-                    and math.isfinite(r[key])] for key, _, _ in SERIES}
-    series = {k: v for k, v in series.items() if v}
-    path = Path(path)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        image = _draw_losses(series, title)
-        from libra_tok.fileio import atomic_save_image
-
-        atomic_save_image(image, path)
-        return path
-    fig, ax = plt.subplots(figsize=(9, 5.4), dpi=100)
-    for key, label, colour in SERIES:
-        if key in series:
-            xs, ys = zip(*series[key])
-            ax.plot(xs, ys, label=label, color=[c / 255 for c in colour], marker="o" if key == "val_loss" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
-
-
-def _draw_losses(series: dict[str, list[tuple[float, float]]], title: str):
-    from PIL import Image, ImageDraw, ImageFont
-
-    w, h, left, right, top, bottom = 900, 540, 70, 20, 40, 50
-    image = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    draw.text((left, 12), title, fill="black", font=font)
-    points = [p for values in series.values() for p in values]
-    if not points:
-        draw.text((w // 2 - 40, h // 2), "no data", fill="black", font=font)
-        return image
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
-    pad = 0.05 * (y1 - y0)
-    y0, y1 = y0 - pad, y1 + pad
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), top + (y1 - y) / (y1 - y0) * (h - top - bottom))
-
-    for k in range(6):  # grid and tick labels
-        y = y0 + k * (y1 - y0) / 5
-        _, py = at(x0, y)
-        draw.line([(left, py), (w - right, py)], fill=(225, 225, 225))
-        draw.text((6, py - 6), f"{y:.3g}", fill="black", font=font)
-        x = x0 + k * (x1 - x0) / 5
-        px, _ = at(x, y0)
-        draw.line([(px, top), (px, h - bottom)], fill=(225, 225, 225))
-        draw.text((px - 10, h - bottom + 6), f"{x:.0f}", fill="black", font=font)
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    draw.text(((w - left) // 2 + left - 12, h - 20), "step", fill="black", font=font)
-    legend_y = top + 8
-    for key, label, colour in SERIES:
-        if key not in series:
-            continue
-        xy = [at(x, y) for x, y in series[key]]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        if key == "val_loss" or len(xy) == 1:
-            for px, py in xy:
-                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        draw.line([(w - right - 150, legend_y + 6), (w - right - 125, legend_y + 6)], fill=colour, width=3)
-        draw.text((w - right - 118, legend_y), label, fill="black", font=font)
-        legend_y += 16
-    return image
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -419,28 +327,21 @@ class TrainResult:
 def _check_checkpoint(state: dict[str, Any]) -> str | None:
     if state.get("format") != CHECKPOINT_FORMAT:
         return f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
-    missing = [k for k in ("step", "batches_seen", "trainable", "optimizer", "scheduler", "rng", "frozen_fingerprint")
-               if k not in state]
-    return f"no {', '.join(missing)}" if missing else None
+    return missing_keys(state, ("step", "batches_seen", "trainable", "optimizer", "scheduler", "rng",
+                                "frozen_fingerprint"))
 
 
-def _all_reduce(values: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        dist.all_reduce(values)
-    return values
+class Trainer(TrainingLoop):
+    throughput = Throughput("tokens_per_s", "tok_s", ".0f")
+    loss_series = (("loss", "train loss", "tab:blue"), ("loss_image", "image part", "tab:orange"),
+                   ("loss_text", "text part", "tab:green"), ("val_loss", "validation", "tab:red"))
 
-
-class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
-        self.cfg = cfg = config
-        self.progress = progress
-        self.out = Path(cfg.out_dir)
-        self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.d = setup_distributed(self.device)
+        super().__init__(config, progress)
+        cfg = config
+        self.plot_title = f"Libra LM {cfg.stage}"
+        self.progress_desc = f"train {cfg.stage}"
         if self.device.type == "cuda":
-            if self.d.world > 1:
-                self.device = torch.device("cuda", self.d.local_rank)
-                torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True  # official run: tf32 on
             torch.backends.cudnn.allow_tf32 = True
         self.parallel = "none" if self.d.world == 1 else ("ddp" if cfg.parallel == "auto" else cfg.parallel)
@@ -470,17 +371,12 @@ class Trainer:
         self.wrapped = self._wrap()
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                      eps=cfg.eps)
-        schedule = lambda s: lr_lambda(s, self.warmup_steps, self.total_steps, cfg.min_lr_ratio)  # noqa: E731
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
+        self.sched = warmup_cosine(self.opt, self.warmup_steps, self.total_steps, cfg.min_lr_ratio)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
-        self.step = 0
-        self.batches_seen = 0
-        self.history: list[dict[str, Any]] = []
-        self.last_checkpoint: Path | None = None
         self._id_mismatch_logged = False
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from, resume_state_)
+            self.load_checkpoint(self.resume_from, resume_state_)
 
     # -- setup ----------------------------------------------------------------------------------
     def _text_tokenizer_path(self) -> str:
@@ -557,43 +453,30 @@ class Trainer:
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
 
-    def _checkpoint_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    def checkpoint_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         # Collective under FSDP: every rank calls it, rank 0 writes.
         trainable = get_model_state_dict(self.model, options=self._state_options(ignore_frozen_params=True))
         optimizer = get_optimizer_state_dict(self.model, self.opt, options=self._state_options())
         return {
             "format": CHECKPOINT_FORMAT,
-            "step": self.step,
-            "batches_seen": self.batches_seen,
             "total_steps": self.total_steps,
-            "config": saved_options(self.cfg),
             "lm_config": self.lm_config.to_dict(),
             "trainable": trainable,
             "optimizer": optimizer,
             "scheduler": self.sched.state_dict(),
-            "rng": rng_state(),
             "frozen_fingerprint": self.fingerprint,
         }
 
-    def save_checkpoint(self) -> Path:
-        ckpt_dir = self.out / CHECKPOINT_DIR
-        name = f"step-{self.step:08d}.pt"
-        state = self._checkpoint_state()
-        if self.d.main:
-            with atomic_path(ckpt_dir / name) as tmp:
-                torch.save(state, tmp)
-            atomic_write_json(ckpt_dir / LATEST, {"file": name, "step": self.step})
-            kept = checkpoint_files(ckpt_dir)
-            for old in kept[: max(0, len(kept) - max(1, self.cfg.keep_checkpoints))]:
-                old.unlink(missing_ok=True)
-        self._barrier()
-        self.last_checkpoint = ckpt_dir / name
-        return ckpt_dir / name
-
-    def _load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    def load_checkpoint_state(self, path: Path, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if set(state["trainable"]) != names:
@@ -605,11 +488,6 @@ class Trainer:
         set_model_state_dict(self.model, state["trainable"], options=self._state_options(strict=False))
         set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=self._state_options())
         self.sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        self.batches_seen = int(state["batches_seen"])
-        self.last_checkpoint = path
-        log.info("resumed from %s at step %d", path, self.step)
 
     def save_final(self) -> Path:
         """The trained model as a libra-lm folder (config.json + model.safetensors) with the
@@ -629,21 +507,8 @@ class Trainer:
             self.model.save_pretrained(final, image_tokenizer=self.image_tokenizer_identity)
         if self.d.main:
             atomic_write_bytes(final / MODEL_FILE, Path(self.text_tokenizer_path).read_bytes())
-        self._barrier()
+        barrier(self.d)
         return final
-
-    def _barrier(self) -> None:
-        if self.d.world > 1:
-            dist.barrier()
-
-    # -- logging --------------------------------------------------------------------------------
-    def _log(self, row: dict[str, Any]) -> None:
-        self.history.append(row)
-        if not self.d.main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / METRICS, "a") as fh:  # append-only log (trimmed to the checkpoint on resume)
-            fh.write(json.dumps(row) + "\n")
 
     # -- batches --------------------------------------------------------------------------------
     def _collator(self) -> Collator:
@@ -709,7 +574,7 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         counts = [b.num_labels for b in micro]
-        total = float(_all_reduce(torch.tensor(float(sum(counts)), dtype=torch.float64), self.d))
+        total = float(all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), self.d))
         sums = torch.zeros(7, dtype=torch.float64)  # official loss sum, labels, text sum, n, image sum, n, tokens
         for i, batch in enumerate(micro):
             batch = batch.to(self.device, non_blocking=True)
@@ -722,16 +587,14 @@ class Trainer:
                     loss = out.loss / len(micro)
                 loss.backward()
             with torch.no_grad():
-                per, valid, image = token_losses(out, batch.labels, self.lm_config)
+                per, valid, image = label_loss_terms(out, batch.labels, self.lm_config)
                 text = valid & ~image
                 sums += torch.tensor([float(out.loss) * counts[i], counts[i], float(per[text].sum()), int(text.sum()),
                                       float(per[image].sum()), int(image.sum()), batch.num_tokens], dtype=torch.float64)
-        sums = _all_reduce(sums, self.d)
+        sums = all_reduce_sum(sums, self.d)
         loss_value = float(sums[0] / sums[1].clamp(min=1))
         if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"non-finite loss ({loss_value}) at step {self.step}; last good checkpoint: "
-                f"{self.last_checkpoint or 'none yet'} (resume from it with a lower --lr, or check the data)")
+            raise self.diverged(loss_value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -767,15 +630,15 @@ class Trainer:
                             collate_fn=self._collator())
         sums = torch.zeros(6, dtype=torch.float64)
         module = self.model if self.parallel == "ddp" else self.wrapped  # no DDP hooks for evaluation
-        for weight, batch in zip(weights, loader):
+        for weight, batch in zip(weights, loader, strict=True):
             batch = batch.to(self.device)
             out = self._forward(module, batch, with_loss=True)
-            per, valid, image = token_losses(out, batch.labels, self.lm_config)
+            per, valid, image = label_loss_terms(out, batch.labels, self.lm_config)
             text = valid & ~image
             sums += weight * torch.tensor([float(per[valid].sum()), int(valid.sum()), float(per[text].sum()),
                                            int(text.sum()), float(per[image].sum()), int(image.sum())],
                                           dtype=torch.float64)
-        sums = _all_reduce(sums, self.d)
+        sums = all_reduce_sum(sums, self.d)
         self.model.train()
         row = {"val_loss": float(sums[0] / sums[1].clamp(min=1)), "val_samples": n}
         if sums[3] > 0:
@@ -784,54 +647,38 @@ class Trainer:
             row["val_loss_image"] = float(sums[4] / sums[5])
         return row
 
+    # -- the loop -------------------------------------------------------------------------------
+    def cadence(self, last: int) -> Cadence:
+        cfg = self.cfg
+        return Cadence(cfg.log_every, cfg.save_every, cfg.max_minutes,
+                       eval_every=cfg.val_every if self.val_data is not None else None, eval_at=self.total_steps)
+
+    def training_steps(self) -> Iterator[tuple[dict[str, Any], float]]:
+        """One step per `grad_accum` micro-batches: (metrics, tokens over all processes)."""
+        batches = self._loader()
+        while True:
+            micro = [next(batches) for _ in range(self.cfg.grad_accum)]
+            self.batches_seen += self.cfg.grad_accum
+            row = self.train_step(micro)
+            yield row, row["tokens"]
+
+    def log_fields(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, "epoch": self.batches_seen * self.cfg.batch_size * self.d.world / len(self.train_data)}
+
+    def evaluate(self) -> dict[str, float]:
+        return self.validate()
+
     def run(self, stop_at: int | None = None) -> TrainResult:
         """Train until the configured steps (or `stop_at`, e.g. to split a run into chunks),
         then write a checkpoint, the final model and the loss plot."""
         cfg = self.cfg
-        last = min(self.total_steps, stop_at) if stop_at is not None else self.total_steps
         if self.d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.out / "train_config.json", saved_options(cfg))
-            trim_metrics(self.out / METRICS, self.step)  # rows after the checkpoint are logged again
             log.info("%s: %d samples, %d steps of %d sequences (%d x %d x %d processes), %.1f M of %.1f M parameters "
                      "train", cfg.stage, len(self.train_data), self.total_steps, self.world_batch, cfg.batch_size,
-                     cfg.grad_accum, self.d.world, self.model.num_parameters(True) / 1e6, self.model.num_parameters() / 1e6)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.stage}", unit="step",
-                   disable=not (self.progress and self.d.main), dynamic_ncols=True)
-        batches = self._loader()
-        started = time.perf_counter()
-        window_t, window_tokens = time.perf_counter(), 0
-        stop_reason = "done"
-        try:
-            while self.step < last:
-                micro = [next(batches) for _ in range(cfg.grad_accum)]
-                self.batches_seen += cfg.grad_accum
-                row = self.train_step(micro)
-                self.step += 1
-                window_tokens += row["tokens"]
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == last:
-                    now = time.perf_counter()
-                    row.update(step=self.step, epoch=self.batches_seen * cfg.batch_size * self.d.world / len(self.train_data),
-                               tokens_per_s=window_tokens / max(now - window_t, 1e-9))
-                    window_t, window_tokens = now, 0
-                    self._log({k: v for k, v in row.items() if v is not None})
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                if self.val_data is not None and (self.step % cfg.val_every == 0 or self.step == self.total_steps):
-                    self._log({"step": self.step, **self.validate()})
-                if self.step % cfg.save_every == 0:
-                    self.save_checkpoint()
-                if cfg.max_minutes is not None and (time.perf_counter() - started) / 60 >= cfg.max_minutes:
-                    stop_reason = f"time limit of {cfg.max_minutes} min"
-                    break
-        finally:
-            bar.close()
-        if self.step % cfg.save_every != 0:
-            self.save_checkpoint()
+                     cfg.grad_accum, self.d.world, self.model.num_parameters(True) / 1e6,
+                     self.model.num_parameters() / 1e6)
+        stop_reason = self.run_steps(stop_at)
         final = self.save_final()
-        plot = None
         if self.d.main:
             skipped = self.images_skipped()
             if skipped:
@@ -839,9 +686,7 @@ class Trainer:
                 log.info("%d training sample(s) left out (%s)", getattr(data, "num_skipped", len(skipped)),
                          self.out / "skipped_samples.json")
                 atomic_write_json(self.out / "skipped_samples.json", skipped)
-            plot = plot_losses(read_metrics(self.out / METRICS), self.out / "loss.png", title=f"Libra LM {cfg.stage}")
-            log.info("stopped at step %d (%s); model written to %s", self.step, stop_reason, final)
-        self._barrier()
+        plot = self.finish_run(stop_reason, final, "model")
         return TrainResult(self.out, final, self.step, self.history, self.images_skipped(), plot)
 
     def images_skipped(self) -> dict[str, str]:
@@ -878,6 +723,5 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, stop
     return Trainer(config, resume=resume, progress=progress).run(stop_at=stop_at)
 
 
-__all__ = ["TrainConfig", "Trainer", "TrainResult", "train", "token_losses", "sample_losses", "param_groups",
-           "lm_config_for", "build_model", "resolve_image_tokenizer", "run_image_tokenizer", "plot_losses",
-           "STAGE_DEFAULTS"]
+__all__ = ["TrainConfig", "Trainer", "TrainResult", "train", "label_loss_terms", "sample_losses", "param_groups",
+           "lm_config_for", "build_model", "resolve_image_tokenizer", "run_image_tokenizer", "STAGE_DEFAULTS"]

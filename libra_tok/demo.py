@@ -14,10 +14,9 @@ import torch
 
 from .data import ImageReadError, read_image, scan_inputs
 from .fileio import atomic_save_image, atomic_write_json
-from .model import ImageTokenizer
-from .preprocess import to_pil
 from .metrics import psnr_signed
-from .preprocess import side_by_side
+from .model import ImageTokenizer
+from .preprocess import side_by_side, to_pil
 from .train import TrainConfig, split_holdout, train
 
 
@@ -104,10 +103,10 @@ def run_demo(out_dir: str | Path = "demo-output", images: str | Path | None = No
     scores = psnr_signed(recon, target)
     held_out &= {r.name for r in records}
 
-    grid = side_by_side([[to_pil(t), to_pil(r)] for t, r in zip(target, recon)])
+    grid = side_by_side([[to_pil(t), to_pil(r)] for t, r in zip(target, recon, strict=True)])
     grid_path = out_dir / "reconstructions.png"
     atomic_save_image(grid, grid_path)
-    per_image = {Path(r.name).name: round(float(s), 3) for r, s in zip(records, scores)}
+    per_image = {Path(r.name).name: round(float(s), 3) for r, s in zip(records, scores, strict=True)}
     metrics = {
         "psnr_mean": round(float(scores.mean()), 3),
         "psnr_held_out": round(float(scores[[r.name in held_out for r in records]].mean()), 3) if held_out else None,
