@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import libra_lm.kernels as kernels  # noqa: E402
 
-IMAGE_TOKENS = 578  # BOI + 576 patches + EOI (reference §2.6)
+IMAGE_TOKENS = 578  # BOI + 576 patches + EOI (docs/official-formats.md#lm-behaviour)
 
 
 def libra_layout(batch: int, n: int, image_tokens: int = IMAGE_TOKENS, text_tokens: int = 64) -> torch.Tensor:
@@ -43,7 +43,8 @@ def libra_layout(batch: int, n: int, image_tokens: int = IMAGE_TOKENS, text_toke
 
 
 def eager_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids=None):
-    """The official two-view math, materialising both N x N score matrices (reference §2.5)."""
+    """The official two-view math, materialising both N x N score matrices (`attn_with_bridge`,
+    libra/models/libra/modeling_libra.py)."""
     try:
         from libra_lm.attention import bridged_attention
 

@@ -60,10 +60,10 @@ def sequences(config: LibraConfig, batch: int, caption: int, all_text: bool, see
         labels = ids.clone()
         labels[:, 0] = -100
         return ids, None, labels
-    codes = torch.randint(0, config.codebook_size, (batch, config.num_image_tokens, ncb), generator=g) + v_t
+    image_ids = torch.randint(0, config.codebook_size, (batch, config.num_image_tokens, ncb), generator=g) + v_t
     text = torch.randint(3, v_t, (batch, caption), generator=g)[..., None].expand(batch, caption, ncb)
     col = lambda value: torch.full((batch, 1, ncb), value)  # noqa: E731
-    ids = torch.cat([col(config.bos_token_id), col(config.boi_token_id), codes, col(config.eoi_token_id),
+    ids = torch.cat([col(config.bos_token_id), col(config.boi_token_id), image_ids, col(config.eoi_token_id),
                      col(config.newline_token_id), text], 1)
     labels = ids.clone()
     labels[:, [0, 1, config.image_length + 1]] = -100  # BOS, BOI, the newline (official masks)
@@ -82,7 +82,11 @@ def build(variant: str, config: LibraConfig, frozen_llm: bool):
                          max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
                          rope_theta=config.rope_theta, tie_word_embeddings=False, attn_implementation="sdpa")
         model = LlamaForCausalLM(hf)
-        return model, list(model.parameters()), lambda ids, feats, labels: model(ids[..., 0], labels=labels[..., 0]).loss
+
+        def step(ids, feats, labels):
+            return model(ids[..., 0], labels=labels[..., 0]).loss
+
+        return model, list(model.parameters()), step
     from libra_lm.model import LibraForCausalLM
 
     model = LibraForCausalLM(config)
@@ -191,8 +195,10 @@ def main() -> None:
     print(f"config {args.config}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"{config.num_attention_heads} heads, FFN {config.intermediate_size}; {args.batch_size} x {n} tokens "
           f"({config.image_length} image); {precision}; {args.device} ({device}); torch {torch.__version__}"
-          + ("; libra routed: frozen LLM" if args.frozen_llm else "") + ("; checkpointing" if args.checkpointing else ""))
-    header = f"{'variant':<16} {'params':>9} {'trained':>9} {'tokens/s':>10} {'peak mem':>10} {'speed':>7} {'memory':>7}"
+          + ("; libra routed: frozen LLM" if args.frozen_llm else "")
+          + ("; checkpointing" if args.checkpointing else ""))
+    header = (f"{'variant':<16} {'params':>9} {'trained':>9} {'tokens/s':>10} {'peak mem':>10} {'speed':>7} "
+              f"{'memory':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from cli.common import dataclass_options, fail_on_errors, run_file_options, run_options
 from libra_lm.train import TrainConfig
+
+from .common import dataclass_options, fail_on_errors, run_file_options, run_options
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -53,7 +54,8 @@ def _finite(ctx, param, value):
               help="Use the random image tokenizer of this preset instead: the same weights as `libra-tok encode "
                    "--preset` (offline demos and tests).")
 @click.option("--text-tokenizer", "text_tokenizer_path", type=click.Path(exists=True, path_type=Path), default=None,
-              help="SentencePiece tokenizer.model (or a folder holding it). Default: the model folder's tokenizer.model.")
+              help="SentencePiece tokenizer.model (or a folder holding it). Default: the model folder's "
+                   "tokenizer.model.")
 @click.option("--template", type=click.Choice(["vicuna_v1", "raw"]), default="vicuna_v1", show_default=True,
               help="Prompt layout: vicuna_v1 for chat models (official conversation template), raw for Libra-Base "
                    "(<s> image \\n prompt).")
@@ -103,7 +105,7 @@ def generate(
     import torch
 
     from libra_lm import LibraForCausalLM, TextTokenizer
-    from libra_lm.generate import chat, encode_images
+    from libra_lm.generate import chat, image_segments
 
     if tokenizer_path is not None and tokenizer_preset is not None:
         raise click.UsageError("give --tokenizer or --tokenizer-preset, not both")
@@ -124,7 +126,7 @@ def generate(
     model = LibraForCausalLM.from_pretrained(model_path, device=dev, dtype=torch_dtype, trust_pickle=trust_pickle)
     model.attn_backend = attn_backend
 
-    images = encode_images(image_tok, [image], model.config) if image is not None else None
+    images = image_segments(image_tok, [image], model.config) if image is not None else None
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = chat(
         model, text_tok, [prompt], images, template=template, stop_strings=stop_strings,
@@ -206,7 +208,7 @@ def train_text_tokenizer(sources: tuple[Path, ...], out_path: Path, vocab_size: 
     For the tiny presets and offline demos; real runs use the LLaMA tokenizer.model of the LLM.
     """
     from libra_lm.data import iter_texts
-    from libra_lm.generate import VICUNA_V1_SYSTEM
+    from libra_lm.templates import VICUNA_V1_SYSTEM
     from libra_lm.text import TextTokenizer, train_sentencepiece
 
     texts = list(iter_texts(sources))

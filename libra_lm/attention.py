@@ -2,7 +2,8 @@
 
 For query i and key j <= i (same segment, if segments are given) the key is k[j] and the
 value v[j] when is_vision[i] == is_vision[j], else the bridged k_x[j], v_x[j]; scale
-1/sqrt(d) (paper Eq. 4-5, official `attn_with_bridge`, reference 2.5). RoPE is applied by
+1/sqrt(d) (paper Eq. 4-5; official `attn_with_bridge` in libra/models/libra/modeling_libra.py,
+docs/official-formats.md#lm-behaviour). RoPE is applied by
 the caller: the official adds the bridge delta before RoPE, so k_x = rope(k_raw + dk).
 
 Backends (all exact):
@@ -90,7 +91,7 @@ def select_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
     decoding = q.shape[2] != num_keys
     if backend == "auto":
-        # The kernels take Nq == Nk only; CPU runs are fastest with sdpa (DESIGN.md).
+        # The kernels take Nq == Nk only; CPU runs are fastest with sdpa (bench/attention.py, BENCHMARKS.md).
         if q.device.type != "cuda" or decoding:
             return "sdpa"
         for name in KERNEL_BACKENDS:
@@ -178,19 +179,26 @@ def eager_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids=None):
     return torch.where(q_is_vision, torch.matmul(probs, v_vis), torch.matmul(probs, v_lang))
 
 
-def sdpa_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, num_queries: int) -> dict[str, Any]:
+def sdpa_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, num_queries: int,
+              query_counts: tuple[int, int] | None = None) -> dict[str, Any]:
     """Index and mask tensors of the query partition; they depend only on the layout, so
-    one plan serves every layer of a forward pass."""
+    one plan serves every layer of a forward pass. `query_counts`: (most vision queries in a
+    row, most text queries in a row) when the caller knows them; otherwise they are read
+    from the device (one host synchronisation)."""
     b, nk = is_vision.shape
     nq, offset, device = num_queries, nk - num_queries, is_vision.device
     q_is_vision = is_vision[:, offset:]
-    n_vision = q_is_vision.sum(1)
-    max_vision, max_text = (int(x) for x in torch.stack([n_vision.max(), (nq - n_vision).max()]).tolist())
+    if query_counts is None:
+        n_vision = q_is_vision.sum(1)
+        max_vision, max_text = (int(x) for x in torch.stack([n_vision.max(), (nq - n_vision).max()]).tolist())
+    else:
+        max_vision, max_text = query_counts
     plan: dict[str, Any] = {"q_is_vision": q_is_vision}
     if max_vision == 0 or max_text == 0:
         # Every query has the same modality: a single view, plain masked attention.
         plan["single"] = max_vision > 0
-        plan["mask"] = None if segment_ids is None and (nq == nk or nq == 1) else allowed_mask(nq, segment_ids, nk, device)
+        plain = segment_ids is None and (nq == nk or nq == 1)
+        plan["mask"] = None if plain else allowed_mask(nq, segment_ids, nk, device)
         return plan
     kpos = torch.arange(nk, device=device)
     parts = {}
@@ -251,9 +259,11 @@ def bridged_attention(
     ints (packed sequences: keys of other segments are invisible); key_padding_mask
     (B, Nk) bool, True for real tokens (left padding). Returns (B, H, Nq, d).
 
-    layout_cache: an empty dict shared by calls that have the same is_vision, segment_ids,
+    layout_cache: a dict shared by calls that have the same is_vision, segment_ids,
     key_padding_mask and sizes (the layers of one forward pass): what depends only on the
-    layout (segments with padding folded in, sdpa's partition) is then computed once.
+    layout (segments with padding folded in, sdpa's partition) is then computed once. A
+    caller that knows the query layout may seed it with "query_counts": (most vision queries
+    in a row, most text queries in a row), which spares sdpa's plan a host synchronisation.
     """
     _check_inputs(q, k, v, k_x, v_x, is_vision, segment_ids, key_padding_mask)
     cache = layout_cache if layout_cache is not None else {}
@@ -269,7 +279,7 @@ def bridged_attention(
         return eager_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids)
     if name == "sdpa":
         if "sdpa" not in cache:
-            cache["sdpa"] = sdpa_plan(is_vision, segment_ids, q.shape[2])
+            cache["sdpa"] = sdpa_plan(is_vision, segment_ids, q.shape[2], cache.get("query_counts"))
         return sdpa_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids, plan=cache["sdpa"])
     kernels, _ = _load_kernels()
     return kernels[name][0](q, k, v, k_x, v_x, is_vision, segment_ids=segment_ids)

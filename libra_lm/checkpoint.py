@@ -1,37 +1,37 @@
-"""Reading and writing LM weights: our format, official Libra folders, HF LLaMA folders.
+"""LM folders on disk: our format, official Libra folders, HF LLaMA folders - their configs,
+weight files, loading into a model class and saving; and the image tokenizer an LM folder names.
 
-All three use the same parameter names (the official ones, reference 6.2), so loading is
-a check of names and shapes, not a renaming:
+All three use the same parameter names (the official ones, docs/official-formats.md#lm-folder),
+so loading is a check of names and shapes after the pure conversions of libra_lm.convert:
   ours        config.json {"format": "libra-lm", "config": {...}} + model.safetensors
   official    config.json (model_type "libra") + model*.safetensors / pytorch_model*.bin,
               sharded through an index or not; placeholder buffers and rotary inv_freq ignored
   HF LLaMA    config.json (model_type "llama") + weights as above; every parameter without
               "vision" in its name is loaded, the vision expert, bridges and heads are
-              initialised as the official init (reference 2.3, 2.11)
-`transformers` is never imported. Unknown, missing or mis-shaped keys raise a CheckpointError
-that lists them.
+              initialised as the official init
+`transformers` is never imported, and neither is the model module: the model class is passed
+in (`LibraForCausalLM.from_pretrained` passes itself). Unknown, missing or mis-shaped keys
+raise a CheckpointError that lists them.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from libra_tok.checkpoint import CheckpointError, sample_keys, key_problems, read_state_dict
 from libra_tok.fileio import atomic_save_safetensors, atomic_write_json
+from libra_tok.weight_files import CheckpointError, key_problems, read_state_dict, sample_keys
 
 from .config import LibraConfig
+from .convert import fresh_keys, tie_embeddings, to_ours
 
 if TYPE_CHECKING:
     from libra_tok import ImageTokenizer
-
-    from .model import LibraForCausalLM
 
 FORMAT_NAME = "libra-lm"
 FORMAT_VERSION = 1
@@ -44,21 +44,7 @@ OFFICIAL_TOKENIZER_FILE = "vqgan.ckpt"
 _INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
-# Official buffers that hold constants the model recomputes (reference 6.2).
-OFFICIAL_IGNORED_NAMES = frozenset({
-    "naive_placeholder",
-    "vision_logits_placeholder",
-    "language_logits_placeholder",
-    "eoi_to_newline_logits_placeholder",
-    "vision_hidden_placeholder",  # a parameter, but unused in the released "1d" mode
-})
 _KIND_NAMES = {"ours": "a libra-lm", "official": "an official Libra", "llama": "an HF LLaMA"}
-_ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-def is_ignored_key(key: str) -> bool:
-    """Keys of official / HF folders that carry no weights of ours."""
-    return bool(_ROTARY.search(key)) or key.rsplit(".", 1)[-1] in OFFICIAL_IGNORED_NAMES
 
 
 # ---- formats and configs --------------------------------------------------------------------------
@@ -161,13 +147,15 @@ _OFFICIAL_RELEASE_SWITCHES = {
 
 
 def config_from_official(meta: dict[str, Any], source: str = "config.json", **overrides: Any) -> LibraConfig:
-    """LibraConfig for an official Libra config.json (reference 2.1)."""
+    """LibraConfig for an official Libra config.json (libra/models/libra/configuration_libra.py;
+    the released values are those of libra-11b-chat/config.json)."""
     try:
         fields = _llama_fields(meta, source)
     except KeyError as exc:
         raise CheckpointError(f"{source} lacks the LLaMA field {exc.args[0]!r}") from exc
     unsupported = [
-        f"{k}={meta[k]!r} (released: {v!r})" for k, v in _OFFICIAL_RELEASE_SWITCHES.items() if k in meta and meta[k] != v
+        f"{k}={meta[k]!r} (released: {v!r})"
+        for k, v in _OFFICIAL_RELEASE_SWITCHES.items() if k in meta and meta[k] != v
     ]
     if unsupported:
         raise CheckpointError(f"{source}: options outside the released Libra model are not implemented: "
@@ -219,20 +207,23 @@ def weight_files(folder: Path) -> list[Path]:
         if (folder / name).is_file():
             return [folder / name]
     raise FileNotFoundError(
-        f"{folder} has no weights: expected {' or '.join(_INDEX_FILES)} with its shards, or {' or '.join(_SINGLE_FILES)}"
+        f"{folder} has no weights: expected {' or '.join(_INDEX_FILES)} with its shards, "
+        f"or {' or '.join(_SINGLE_FILES)}"
     )
 
 
 # ---- loading --------------------------------------------------------------------------------------
 def load_pretrained(
+    model_class: type[nn.Module],
     path: str | Path,
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     trust_pickle: bool = False,
     **config_overrides: Any,
-) -> "LibraForCausalLM":
-    """Build the model of a folder (ours, official Libra or HF LLaMA) and load its weights."""
+) -> nn.Module:
+    """Build the model of a folder (ours, official Libra or HF LLaMA) as `model_class(config)`
+    and load its weights (`LibraForCausalLM.from_pretrained` is the way in)."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -247,11 +238,13 @@ def load_pretrained(
         config = config_from_llama(meta, source, **config_overrides)
     tied = kind == "llama" and bool(meta.get("tie_word_embeddings", False))
     return load_weights(
-        config, weight_files(folder), kind=kind, device=device, dtype=dtype, tied_embeddings=tied, trust_pickle=trust_pickle
+        model_class, config, weight_files(folder), kind=kind, device=device, dtype=dtype, tied_embeddings=tied,
+        trust_pickle=trust_pickle,
     )
 
 
 def load_weights(
+    model_class: type[nn.Module],
     config: LibraConfig,
     files: list[Path],
     *,
@@ -260,22 +253,19 @@ def load_weights(
     dtype: torch.dtype | None = None,
     tied_embeddings: bool = False,
     trust_pickle: bool = False,
-) -> "LibraForCausalLM":
-    """A model of `config` with the weights of `files` ("ours" / "official" / "llama" rules)."""
-    from .model import LibraForCausalLM
-
+) -> nn.Module:
+    """`model_class(config)` with the weights of `files` ("ours" / "official" / "llama" rules of
+    libra_lm.convert); the class must offer `init_weights(modules)` for the fresh parts."""
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     with torch.device("meta"):
-        model = LibraForCausalLM(config)
+        model = model_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     state: dict[str, torch.Tensor] = {}
     unexpected, mismatched, mis_shaped = [], [], set()
     for file in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
-        for key, tensor in read_state_dict(file, trust_pickle=trust_pickle).items():
-            if kind != "ours" and is_ignored_key(key):
-                continue
+        for key, tensor in to_ours(read_state_dict(file, trust_pickle=trust_pickle), kind).items():
             if key not in expected:
                 unexpected.append(key)
             elif tuple(tensor.shape) != expected[key]:
@@ -283,11 +273,11 @@ def load_weights(
                 mis_shaped.add(key)
             else:
                 state[key] = tensor.to(device=device, dtype=dtype)
-    if tied_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    if tied_embeddings:
+        state = tie_embeddings(state)
 
     missing = [k for k in expected if k not in state and k not in mis_shaped]
-    fresh = [k for k in missing if kind == "llama" and "vision" in k]
+    fresh = fresh_keys(missing, kind)
     missing = [k for k in missing if k not in fresh]
     problems = key_problems(missing, unexpected, mismatched)
     if problems:
@@ -312,7 +302,7 @@ def load_weights(
 
 
 # ---- saving ---------------------------------------------------------------------------------------
-def save_pretrained(model: "LibraForCausalLM", path: str | Path, *, image_tokenizer: dict[str, Any] | None = None) -> Path:
+def save_pretrained(model: nn.Module, path: str | Path, *, image_tokenizer: dict[str, Any] | None = None) -> Path:
     """config.json + model.safetensors, each written atomically (weights first).
 
     image_tokenizer: the identity of the image tokenizer whose ids the model was trained on
@@ -347,7 +337,7 @@ def image_tokenizer_for(
     device: str | torch.device | None = None,
     trust_pickle: bool = False,
     hint: str = "pass the image tokenizer's folder or vqgan.ckpt to ImageTokenizer.from_pretrained",
-) -> "ImageTokenizer":
+) -> ImageTokenizer:
     """The image tokenizer of an LM folder, in eval mode on `device` (default CPU):
 
     - an `image_tokenizer/` sub-folder (a libra-tok folder, or official files) if present;
@@ -405,6 +395,6 @@ __all__ = [
     "detect_format",
     "config_from_llama",
     "config_from_official",
-    "is_ignored_key",
-    "OFFICIAL_IGNORED_NAMES",
+    "config_from_ours",
+    "read_config_json",
 ]

@@ -1,7 +1,8 @@
 """LM configuration: one dataclass, named presets.
 
 `libra-7b` is the released Libra LM (libra-11b-chat config.json: LLaMA-2-7B plus the
-routed visual expert and the bridge, reference 2.1). `tiny` keeps every structural
+routed visual expert and the bridge; official libra/models/libra/configuration_libra.py,
+docs/official-formats.md#lm-folder). `tiny` keeps every structural
 feature (two codebooks, hybrid input, low-rank experts, rank-8 bridges) at a size that
 runs the tests and the offline demo on a laptop CPU; its contiguous signal and image
 length match the `tiny` image tokenizer (3 CLIP layers x 64 channels, 8 x 8 grid).
@@ -72,7 +73,7 @@ class LibraConfig:
 
     @property
     def vision_vocab_size(self) -> int:
-        """Rows of each vision table and head: the codes, BOI and EOI (514 for Libra)."""
+        """Rows of each vision table and head: the image ids, BOI and EOI (514 for Libra)."""
         return self.codebook_size + 2
 
     @property

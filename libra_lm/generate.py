@@ -1,13 +1,16 @@
-"""Decoding with a KV cache: greedy or sampled, batched with left padding.
+"""Generation: prompts in the official templates, and decoding with a KV cache, greedy or
+sampled, batched with left padding.
 
-    prompt = build_prompt(text_tok, model.config, "What is in the image?", image=encode_images(image_tok, ["cat.jpg"], model.config)[0])
-    out = generate(model, *collate([prompt], model.config), max_new_tokens=64, text_tokenizer=text_tok)
+    image = image_segments(image_tok, ["cat.jpg"], model.config)[0]
+    prompt = build_prompt(text_tok, model.config, "What is in the image?", image=image)
+    out = generate(model, *collate_prompts([prompt], model.config), max_new_tokens=64, text_tokenizer=text_tok)
     out.texts[0]
 
-Rules (official behaviour, reference 2.8 and 4, with its inconsistencies removed):
+Rules (the official decoding of modeling_libra_utils.py and demo/libra_demo.ipynb,
+docs/official-formats.md#lm-behaviour, without the quirks of docs/official-formats.md#quirks):
 - a text position yields one text token, written into both codebook columns (the official
   sampler draws each column separately, so they can differ);
-- a position inside an image (BOI or a patch) yields one code per codebook from the vision
+- a position inside an image (BOI or a patch) yields one id per codebook from the vision
   heads; BOI/EOI are not sampled there: after `num_image_tokens` patches EOI is forced;
 - EOI is always followed by a forced newline (official: only once a cache exists);
 - a row stops at EOS or when its text contains a stop string; finished rows get padding;
@@ -17,6 +20,11 @@ Rules (official behaviour, reference 2.8 and 4, with its inconsistencies removed
 The image path of generation is reached only by a prompt that ends inside an image (BOI as
 its last token asks for a new image, as the official `<img_gen>`); generated patches get
 zero CLIP features, as the official.
+
+Host synchronisation: the prompt's ids are checked once, by the first forward. Each decoding
+step then reads back only the tokens it chose, in one transfer (EOS, stop strings and the
+modalities of the next step all come from it); the model's step (`decode_step`) and the
+sampling read nothing back.
 """
 
 from __future__ import annotations
@@ -30,8 +38,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import templates
 from .config import LibraConfig
 from .model import KVCache
+from .segments import Segment, as_joint_ids, concat_segments, image_segment
+from .templates import TEMPLATES
+from .text import check_text_tokenizer
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,21 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("libra_lm.generate")
 
-TEMPLATES = ("vicuna_v1", "raw")
-# conv_vicuna_v1 (official libra/data/datasets/conversation.py, reference 2.12).
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 IMAGE_TEXT = "<image>"  # what a generated image becomes in decoded text
-
-
-@dataclass
-class Segment:
-    """A piece of a sequence: joint ids (n, num_codebooks) and CLIP features (n, C) or None."""
-
-    ids: torch.Tensor
-    features: torch.Tensor | None = None
+# torch.multinomial's message for the same condition (sampling here draws as it does).
+_INVALID_PROBABILITIES = "probability tensor contains either `inf`, `nan` or element < 0"
 
 
 @dataclass
@@ -64,46 +64,15 @@ class GenerationOutput:
     lengths: list[int]  # generated tokens per row before EOS (stop strings: see texts)
     stop_reasons: list[str]  # "eos", "stop_string" or "length"
     texts: list[str] | None = None  # decoded text per row (with a text tokenizer), cut at a stop string
-    images: list[list[torch.Tensor]] = field(default_factory=list)  # generated images per row: (P, 2) codes
+    images: list[list[torch.Tensor]] = field(default_factory=list)  # generated images per row: (P, 2) image ids
 
 
 # ---- prompts --------------------------------------------------------------------------------------
-def text_segment(ids: Sequence[int], config: LibraConfig) -> Segment:
-    t = torch.as_tensor(list(ids), dtype=torch.long)
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= config.text_vocab_size):
-        raise ValueError(f"text ids must lie in [0, {config.text_vocab_size}), got {int(t.min())}..{int(t.max())}")
-    return Segment(t[:, None].expand(-1, config.num_codebooks).clone())
-
-
-def image_segment(codes: torch.Tensor, features: torch.Tensor | None, config: LibraConfig) -> Segment:
-    """BOI + patches + EOI from tokenizer codes (P, num_codebooks) in [0, codebook_size) and
-    CLIP features (P, C); BOI/EOI get zero features (reference 2.7)."""
-    p, ncb = config.num_image_tokens, config.num_codebooks
-    if tuple(codes.shape) != (p, ncb):
-        raise ValueError(f"image codes must be (num_image_tokens, num_codebooks) = ({p}, {ncb}) for this model, "
-                         f"got {tuple(codes.shape)}; the image tokenizer's grid must match the LM config")
-    codes = codes.long().cpu()
-    if int(codes.min()) < 0 or int(codes.max()) >= config.codebook_size:
-        raise ValueError(f"image codes must lie in [0, {config.codebook_size})")
-    boi = torch.full((1, ncb), config.boi_token_id)
-    eoi = torch.full((1, ncb), config.eoi_token_id)
-    ids = torch.cat([boi, codes + config.text_vocab_size, eoi])
-    feats = None
-    if features is not None:
-        c = config.contiguous_signal_size
-        if tuple(features.shape) != (p, c):
-            raise ValueError(f"image features must be (num_image_tokens, contiguous_signal_size) = ({p}, {c}), got "
-                             f"{tuple(features.shape)}; the image tokenizer's feature size must match the LM config")
-        zero = torch.zeros(1, c, dtype=features.dtype)
-        feats = torch.cat([zero, features.detach().cpu(), zero])
-    return Segment(ids, feats)
-
-
-def encode_images(
-    image_tokenizer: Any, images: Sequence["Image.Image | str | Path"], config: LibraConfig, precision: str = "auto"
+def image_segments(
+    image_tokenizer: Any, images: Sequence[Image.Image | str | Path], config: LibraConfig, precision: str = "auto"
 ) -> list[Segment]:
-    """Images -> BOI + patches + EOI segments through a libra_tok ImageTokenizer
-    (`preprocess`, then `encode`: ids (B, grid^2, 2), features (B, grid^2, C))."""
+    """Images (PIL images or paths) -> BOI + patches + EOI prompt segments through a libra_tok
+    ImageTokenizer (`preprocess`, then `encode`: ids (B, grid^2, 2), features (B, grid^2, C))."""
     tcfg = image_tokenizer.config
     if tcfg.codebook_size != config.codebook_size or tcfg.num_codebooks != config.num_codebooks:
         raise ValueError(
@@ -116,13 +85,13 @@ def encode_images(
 
 
 def build_prompt(
-    text_tokenizer: "TextTokenizer",
+    text_tokenizer: TextTokenizer,
     config: LibraConfig,
     question: str,
     image: Segment | None = None,
     template: str = "vicuna_v1",
 ) -> Segment:
-    """One prompt in the official layouts (reference 2.12, 4).
+    """One prompt in a template of libra_lm.templates, the same parts training uses.
 
     vicuna_v1 (chat models): <s>{system} USER: [image]\\n{question} ASSISTANT:
     raw (Libra-Base, pretraining layout): <s>[image]\\n{question}
@@ -132,39 +101,14 @@ def build_prompt(
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     check_text_tokenizer(text_tokenizer, config)
-    tok = text_tokenizer
-    pieces: list[Segment] = []
     if template == "vicuna_v1":
-        if image is None:
-            pieces.append(text_segment(tok.encode(f"{VICUNA_V1_SYSTEM} USER: {question} ASSISTANT:", bos=True), config))
-        else:
-            pieces += [
-                text_segment(tok.encode(f"{VICUNA_V1_SYSTEM} USER:", bos=True), config),
-                image,
-                text_segment(tok.encode(f"\n{question} ASSISTANT:", prefix_space=False), config),
-            ]
+        parts = templates.vicuna_v1([(question, None)], image_round=0 if image is not None else None)
     else:
-        if image is None:
-            pieces.append(text_segment(tok.encode(question, bos=True), config))
-        else:
-            pieces += [text_segment([tok.bos_token_id], config), image]
-            if question:
-                pieces.append(text_segment(tok.encode(f"\n{question}", prefix_space=False), config))
-    return concat_segments(pieces, config)
+        parts = templates.raw(question, with_image=image is not None)
+    return concat_segments([s for _, s in templates.encode_parts(parts, text_tokenizer, config, image)], config)
 
 
-def concat_segments(pieces: Sequence[Segment], config: LibraConfig) -> Segment:
-    ids = torch.cat([p.ids for p in pieces])
-    if all(p.features is None for p in pieces):
-        return Segment(ids)
-    feats = [
-        p.features if p.features is not None else torch.zeros(p.ids.shape[0], config.contiguous_signal_size)
-        for p in pieces
-    ]
-    return Segment(ids, torch.cat([f.float() for f in feats]))
-
-
-def collate(prompts: Sequence[Segment], config: LibraConfig, device: str | torch.device | None = None):
+def collate_prompts(prompts: Sequence[Segment], config: LibraConfig, device: str | torch.device | None = None):
     """Left-pad prompts into (input_ids (B, N, 2), clip_features (B, N, C) or None,
     attention_mask (B, N)); padding is the pad id with mask 0."""
     if not prompts:
@@ -185,19 +129,6 @@ def collate(prompts: Sequence[Segment], config: LibraConfig, device: str | torch
     return to(ids), (to(feats) if feats is not None else None), to(mask)
 
 
-def check_text_tokenizer(text_tokenizer: "TextTokenizer", config: LibraConfig) -> None:
-    if text_tokenizer.vocab_size > config.text_vocab_size:
-        raise ValueError(
-            f"the text tokenizer has {text_tokenizer.vocab_size} pieces but the LM's text vocabulary is "
-            f"{config.text_vocab_size}; use the tokenizer the model was trained with"
-        )
-    if text_tokenizer.newline_token_id != config.newline_token_id:
-        raise ValueError(
-            f"the text tokenizer's newline is id {text_tokenizer.newline_token_id}, the LM config says "
-            f"{config.newline_token_id} (newline_token_id); use the model's own tokenizer"
-        )
-
-
 # ---- sampling -------------------------------------------------------------------------------------
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
     """ValueError unless temperature is finite and >= 0, top_p in (0, 1] and top_k >= 0
@@ -210,16 +141,13 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
-def sample_logits(
-    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One id per row of logits (..., V): argmax when temperature is 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k ids and the top_p nucleus
-    (see check_sampling for the valid values)."""
-    check_sampling(temperature, top_p, top_k)
+def _sample(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids, whether the probabilities were valid (a 0-dim bool tensor; None when greedy)),
+    without reading anything back to the host."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return logits.argmax(-1), None
     shape = logits.shape[:-1]
     logits = logits.reshape(-1, logits.shape[-1]).float() / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -231,8 +159,27 @@ def sample_logits(
         # Drop ids once the mass before them reaches top_p (the first id always stays).
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    draws = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-    return draws.view(shape)
+    probs = logits.softmax(-1)
+    # The draw of torch.multinomial(probs, 1) (an exponential race, the same random numbers),
+    # without its validity check, which reads the probabilities back to the host.
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    draws = (probs / race).argmax(-1, keepdim=True)
+    valid = (torch.isfinite(probs) & (probs >= 0)).all()
+    return draws.view(shape), valid
+
+
+def sample_logits(
+    logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One id per row of logits (..., V): argmax when temperature is 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k ids and the top_p nucleus
+    (see check_sampling for the valid values), as torch.multinomial draws it."""
+    check_sampling(temperature, top_p, top_k)
+    ids, valid = _sample(logits, temperature, top_p, top_k, generator)
+    if valid is not None and not bool(valid):
+        raise RuntimeError(_INVALID_PROBABILITIES)
+    return ids
 
 
 def _finite_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -249,9 +196,10 @@ def _image_position(ids: torch.Tensor, config: LibraConfig) -> torch.Tensor:
     return torch.where(last_boi > last_eoi, n - 1 - last_boi, -1)
 
 
+# ---- decoding ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(
-    model: "LibraForCausalLM",
+    model: LibraForCausalLM,
     input_ids: torch.Tensor,
     clip_features: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -262,10 +210,10 @@ def generate(
     top_k: int = 0,
     eos_token_id: int | None = None,
     stop_strings: Sequence[str] = (),
-    text_tokenizer: "TextTokenizer | None" = None,
+    text_tokenizer: TextTokenizer | None = None,
     generator: torch.Generator | None = None,
 ) -> GenerationOutput:
-    """Continue left-padded prompts (see `collate`) by up to `max_new_tokens` tokens.
+    """Continue left-padded prompts (see `collate_prompts`) by up to `max_new_tokens` tokens.
 
     Prompt and answer must fit the model's context (config.max_position_embeddings): a prompt
     with more real tokens is a ValueError; otherwise max_new_tokens is clamped to the room the
@@ -278,7 +226,7 @@ def generate(
     if stop_strings and text_tokenizer is None:
         raise ValueError("stop_strings need a text_tokenizer to decode the generated text")
     device = model.device
-    input_ids = model.check_input_ids(input_ids.to(device))
+    input_ids = as_joint_ids(input_ids.to(device), cfg)  # the values are checked by the first forward
     b, n, ncb = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones(b, n, dtype=torch.long, device=device)
@@ -309,9 +257,11 @@ def generate(
         None if k < 0 else (input_ids[i, n - k:, :] - cfg.text_vocab_size).tolist()
         for i, k in enumerate(image_pos.tolist())
     ]
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    finished = [False] * b  # on the host; `stopped` mirrors it on the device
+    stopped = torch.zeros(b, dtype=torch.bool, device=device)
     reasons = ["length"] * b
     lengths = [0] * b
+    rows: list[list[list[int]]] = [[] for _ in range(b)]  # generated tokens per row, on the host
     generated: list[torch.Tensor] = []
     pad = torch.full((b, ncb), cfg.pad_token_id, dtype=torch.long, device=device)
     newline = torch.full((b, ncb), cfg.newline_token_id, dtype=torch.long, device=device)
@@ -319,44 +269,53 @@ def generate(
 
     for step in range(max_new_tokens):
         # Rows of the other modality hold only -inf; give them finite dummies (never used).
-        text_next = sample_logits(_finite_rows(out.text_logits[:, -1]), temperature, top_p, top_k, generator)
+        text_next, text_ok = _sample(_finite_rows(out.text_logits[:, -1]), temperature, top_p, top_k, generator)
         vision_logits = _finite_rows(out.vision_logits[:, -1])
-        vision_logits[..., cfg.codebook_size:] = float("-inf")  # codes only; BOI/EOI come from the rules
-        codes = sample_logits(vision_logits, temperature, top_p, top_k, generator) + cfg.text_vocab_size
+        vision_logits[..., cfg.codebook_size:] = float("-inf")  # image ids only; BOI/EOI come from the rules
+        patch_ids, vision_ok = _sample(vision_logits, temperature, top_p, top_k, generator)
         nxt = text_next[:, None].expand(b, ncb)
         in_image = image_pos >= 0
-        nxt = torch.where(in_image[:, None], codes, nxt)
+        nxt = torch.where(in_image[:, None], patch_ids + cfg.text_vocab_size, nxt)
         nxt = torch.where((in_image & (image_pos >= cfg.num_image_tokens))[:, None], eoi, nxt)
         nxt = torch.where((last[:, 0] == cfg.eoi_token_id)[:, None], newline, nxt)
-        nxt = torch.where(finished[:, None], pad, nxt)
+        nxt = torch.where(stopped[:, None], pad, nxt)
         generated.append(nxt)
-
-        is_eos = ~finished & (nxt[:, 0] == eos)
-        for i in is_eos.nonzero().flatten().tolist():
-            reasons[i] = "eos"
-        if stop_strings:
-            for i in (~finished & ~is_eos).nonzero().flatten().tolist():
-                text = _decode_row(torch.stack(generated, 1)[i], cfg, text_tokenizer, open_images[i])[0]
-                if any(s in text for s in stop_strings):
-                    reasons[i] = "stop_string"
-                    finished[i] = True
-                    lengths[i] = step + 1
-        for i in (~finished & ~is_eos).nonzero().flatten().tolist():
-            lengths[i] = step + 1
-        finished |= is_eos
         opened = in_image & (nxt[:, 0] != cfg.eoi_token_id)
         image_pos = torch.where(opened, image_pos + 1, -1)
         last = nxt
-        if bool(finished.all()) or step == max_new_tokens - 1:
+
+        # The step's one read-back: the chosen tokens (and whether the sampled distributions were valid).
+        if text_ok is None:
+            chosen = nxt.tolist()
+        else:
+            flat = torch.cat([nxt.flatten(), (text_ok & vision_ok).long()[None]]).tolist()
+            if not flat[-1]:
+                raise RuntimeError(_INVALID_PROBABILITIES)
+            chosen = [flat[i * ncb:(i + 1) * ncb] for i in range(b)]
+        for i in range(b):
+            if finished[i]:
+                continue
+            rows[i].append(chosen[i])
+            if chosen[i][0] == eos:
+                reasons[i], finished[i] = "eos", True
+            else:
+                lengths[i] = step + 1
+                if stop_strings:
+                    text = _decode_row(rows[i], cfg, text_tokenizer, open_images[i])[0]
+                    if any(s in text for s in stop_strings):
+                        reasons[i], finished[i] = "stop_string", True
+            if finished[i]:
+                stopped[i] = True  # a fill on the device, no read-back
+        if all(finished) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
-        out = model(nxt[:, None], None, attention_mask, past_key_values=cache)
+        num_vision = sum(row[0] >= cfg.text_vocab_size for row in chosen)
+        out = model.decode_step(nxt[:, None], cache, num_vision=num_vision)
 
     model.train(was_training)
     sequences = torch.stack(generated, 1) if generated else input_ids.new_zeros(b, 0, ncb)
     texts, images = None, []
     for i in range(b):
-        text, row_images = _decode_row(sequences[i, : lengths[i]], cfg, text_tokenizer, open_images[i])
+        text, row_images = _decode_row(rows[i][: lengths[i]], cfg, text_tokenizer, open_images[i])
         images.append(row_images)
         if text_tokenizer is not None:
             texts = texts or []
@@ -368,13 +327,14 @@ def generate(
 
 
 def _decode_row(
-    ids: torch.Tensor, config: LibraConfig, text_tokenizer, open_image: list | None = None
+    tokens: Sequence[Sequence[int]], config: LibraConfig, text_tokenizer, open_image: list | None = None
 ) -> tuple[str, list[torch.Tensor]]:
-    """(text with each image as "<image>", list of image codes (P, num_codebooks)).
-    open_image: codes of an image the prompt started (None if it ended outside one)."""
+    """(text with each image as "<image>", list of image ids (P, num_codebooks)) of a row's
+    generated tokens (joint ids per position). open_image: the ids of an image the prompt
+    started (None if it ended outside one)."""
     text_parts, images, run = [], [], []
     image = list(open_image) if open_image is not None else None
-    for token in ids.tolist():
+    for token in tokens:
         t = token[0]
         if t < config.text_vocab_size:
             if image is not None:  # an image cut short (length limit) is dropped
@@ -391,15 +351,15 @@ def _decode_row(
             image = None
         elif image is not None:
             image.append([c - config.text_vocab_size for c in token])
-    if image:  # an image in progress at the end: keep its codes so far
+    if image:  # an image in progress at the end: keep its ids so far
         images.append(torch.tensor(image, dtype=torch.long).view(-1, config.num_codebooks))
     text_parts.append(text_tokenizer.decode(run) if text_tokenizer else "")
     return "".join(text_parts), images
 
 
 def chat(
-    model: "LibraForCausalLM",
-    text_tokenizer: "TextTokenizer",
+    model: LibraForCausalLM,
+    text_tokenizer: TextTokenizer,
     questions: Sequence[str],
     images: Sequence[Segment | None] | None = None,
     *,
@@ -411,24 +371,19 @@ def chat(
     images = list(images) if images is not None else [None] * len(questions)
     if len(images) != len(questions):
         raise ValueError(f"{len(questions)} questions but {len(images)} images")
-    prompts = [build_prompt(text_tokenizer, model.config, q, img, template) for q, img in zip(questions, images)]
-    ids, feats, mask = collate(prompts, model.config, model.device)
+    prompts = [build_prompt(text_tokenizer, model.config, q, img, template)
+               for q, img in zip(questions, images, strict=True)]
+    ids, feats, mask = collate_prompts(prompts, model.config, model.device)
     return generate(
         model, ids, feats, mask, text_tokenizer=text_tokenizer, stop_strings=stop_strings, **generate_kwargs
     )
 
 
 __all__ = [
-    "TEMPLATES",
-    "VICUNA_V1_SYSTEM",
-    "Segment",
     "GenerationOutput",
-    "text_segment",
-    "image_segment",
-    "encode_images",
+    "image_segments",
     "build_prompt",
-    "concat_segments",
-    "collate",
+    "collate_prompts",
     "check_sampling",
     "sample_logits",
     "generate",

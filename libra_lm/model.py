@@ -4,9 +4,14 @@
     out = model(input_ids, clip_features, labels=labels)    # input_ids (B, N, 2) in the joint id space
     out.loss, out.text_logits (B, N, V_t), out.vision_logits (B, N, 2, 514)
 
-Paper Sec. 3.1 with the official behaviour (reference 2.2-2.9). Module and parameter names
-are the official ones (`model.layers.0.self_attn.vision_q_proj.weight_A`, ...), so official
-and HF LLaMA checkpoints map onto this model key for key.
+Paper Sec. 3.1 with the official behaviour (official libra/models/libra/modeling_libra.py;
+docs/official-formats.md#lm-behaviour). Module and parameter names are the official ones
+(`model.layers.0.self_attn.vision_q_proj.weight_A`, ...), so official and HF LLaMA checkpoints
+map onto this model key for key (docs/official-formats.md#lm-folder).
+
+Inputs are checked where they enter: a call of `forward` checks its ids (one host
+synchronisation); `decode_step`, the hot path of generation, checks nothing and synchronises
+nothing, its ids being the model's own samples.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 from .attention import BACKENDS, bridged_attention
 from .config import LibraConfig
 from .routing import LowRankLinear, RMSNorm, Router, init_official_, swiglu
+from .segments import as_joint_ids, check_joint_ids
 
 IGNORE_INDEX = -100
 
@@ -48,6 +54,7 @@ class KVCache:
         self.length = 0
         self.is_vision: torch.Tensor | None = None  # (B, length) bool
         self.key_mask: torch.Tensor | None = None  # (B, length) bool, True = real token
+        self.has_padding = False  # whether key_mask holds padding (known on the host)
 
     def update(self, layer: int, new: list[torch.Tensor]) -> list[torch.Tensor]:
         """Write `new` [k, v, k_x, v_x] (B, H, n, d) after the cached positions; return the
@@ -59,24 +66,25 @@ class KVCache:
             cap = max(end, self.capacity, 2 * (bufs[0].shape[2] if bufs is not None else 0))
             grown = [t.new_empty((*t.shape[:2], cap, t.shape[3])) for t in new]
             if bufs is not None:
-                for g, old in zip(grown, bufs):
+                for g, old in zip(grown, bufs, strict=True):
                     g[:, :, :start] = old[:, :, :start]
             bufs = self.layers[layer] = grown
         out = []
-        for buf, t in zip(bufs, new):
+        for buf, t in zip(bufs, new, strict=True):
             buf[:, :, start:end] = t
             out.append(buf[:, :, :end])
         return out
 
-    def advance(self, is_vision: torch.Tensor, key_mask: torch.Tensor) -> None:
-        self.is_vision, self.key_mask = is_vision, key_mask
+    def advance(self, is_vision: torch.Tensor, key_mask: torch.Tensor, has_padding: bool) -> None:
+        self.is_vision, self.key_mask, self.has_padding = is_vision, key_mask, has_padding
         self.length = is_vision.shape[1]
 
 
 # ---- rotary position embedding (LLaMA, 1-D positions) -------------------------------------------
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin (B, 1, N, d) as HF LlamaRotaryEmbedding (fp32 frequencies, cast at the end)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     freqs = positions[..., None].float() * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -120,7 +128,7 @@ class LibraAttention(nn.Module):
         self.vision_k_proj = LowRankLinear(d, d, rank, std=std)
         self.vision_v_proj = LowRankLinear(d, d, rank, std=std)
         self.vision_o_proj = LowRankLinear(d, d, rank, std=std)
-        # Bridges, applied to each token by its own modality (reference 2.5): "_on_language"
+        # Bridges, applied to each token by its own modality (official `LibraAttention`): "_on_language"
         # is the delta of text keys/values as seen by vision queries, "_on_vision" the reverse.
         r = config.bridge_rank
         self.vision_k_bridge_on_language = LowRankLinear(d, d, r, zero_init_b=True, std=std)
@@ -218,7 +226,8 @@ class LibraModel(nn.Module):
         self.vision_norm = RMSNorm(d, config.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor, clip_features: torch.Tensor | None, router: Router) -> torch.Tensor:
-        """Text: LLaMA embedding. Vision (hybrid input, reference 2.7):
+        """Text: LLaMA embedding. Vision (hybrid input, official
+        `get_inputs_embeds_from_multicodebook`, docs/official-formats.md#lm-behaviour):
         RMSNorm([E1(id1) | E2(id2) | CLIP]) -> Linear, CLIP = 0 at BOI/EOI and when absent."""
         cfg = self.config
         ids_text, ids_vision = router.split(input_ids)
@@ -279,7 +288,7 @@ class LibraForCausalLM(nn.Module):
 
     # ---- construction and files ----------------------------------------------------------------
     def init_weights(self, modules: list[nn.Module] | None = None) -> None:
-        """Official initialisation (reference 2.3) of `modules` (default: all)."""
+        """Official initialisation (`LibraPreTrainedModel._init_weights`) of `modules` (default: all)."""
         std = self.config.initializer_range
         for module in modules if modules is not None else self.modules():
             init_official_(module, std)
@@ -298,12 +307,13 @@ class LibraForCausalLM(nn.Module):
         trust_pickle: bool = False,
         **config_overrides,
     ) -> "LibraForCausalLM":
-        """Load our folder (save_pretrained), an official Libra folder (reference 6.2) or an
-        HF LLaMA folder (vision parts initialised as the official init). `config_overrides`
-        set LibraConfig fields an HF LLaMA config does not have (e.g. contiguous_signal_size)."""
+        """Load our folder (save_pretrained), an official Libra folder
+        (docs/official-formats.md#lm-folder) or an HF LLaMA folder (vision parts initialised as
+        the official init). `config_overrides` set LibraConfig fields an HF LLaMA config does not
+        have (e.g. contiguous_signal_size)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(path, device=device, dtype=dtype, trust_pickle=trust_pickle, **config_overrides)
+        return load_pretrained(cls, path, device=device, dtype=dtype, trust_pickle=trust_pickle, **config_overrides)
 
     def save_pretrained(self, path: str | Path, *, image_tokenizer: dict | None = None) -> Path:
         """Write config.json + model.safetensors (atomically); `image_tokenizer` records the
@@ -324,8 +334,9 @@ class LibraForCausalLM(nn.Module):
     @property
     def frozen_llm(self) -> bool:
         """True: only parameters whose name contains "vision" train (official pretraining,
-        reference 2.11: experts, vision norms, all four bridges, vision embeddings, signal
-        norm/processor, vision heads). False: everything trains (instruction tuning)."""
+        `frozen_language` in libra/configs/libra_pretrain.yaml: experts, vision norms, all four
+        bridges, vision embeddings, signal norm/processor, vision heads). False: everything
+        trains (instruction tuning)."""
         return self._frozen_llm
 
     @frozen_llm.setter
@@ -346,35 +357,9 @@ class LibraForCausalLM(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, N, 2) joint ids, checked; (B, N) text-only ids are duplicated into both columns."""
-        cfg = self.config
-        ncb = cfg.num_codebooks
-        if input_ids.ndim == 2:
-            input_ids = input_ids[..., None].expand(*input_ids.shape, ncb)
-        if input_ids.ndim != 3 or input_ids.shape[2] != ncb:
-            raise ValueError(f"input_ids must be (B, N, {ncb}) joint ids (or (B, N) text ids), got {tuple(input_ids.shape)}")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be integer ids, got {input_ids.dtype}")
-        input_ids = input_ids.long()
-        vocab = cfg.text_vocab_size + cfg.vision_vocab_size
-        is_vision = input_ids >= cfg.text_vocab_size
-        problems = torch.stack([
-            ((input_ids < 0) | (input_ids >= vocab)).any(),
-            (is_vision != is_vision[..., :1]).any(),
-            (~is_vision[..., 0] & (input_ids != input_ids[..., :1]).any(-1)).any(),
-            ((input_ids[..., 0] >= cfg.boi_token_id) & (input_ids != input_ids[..., :1]).any(-1)).any(),
-        ]).tolist()
-        if problems[0]:
-            raise ValueError(f"input_ids outside [0, {vocab}) (text [0, {cfg.text_vocab_size}) + vision "
-                             f"{cfg.vision_vocab_size}): min {int(input_ids.min())}, max {int(input_ids.max())}")
-        if problems[1]:
-            raise ValueError("input_ids mix modalities within a position: every column of a position must be "
-                             f"a text id (< {cfg.text_vocab_size}) or every column a vision id")
-        if problems[2]:
-            raise ValueError("text positions must hold the same text id in every codebook column")
-        if problems[3]:
-            raise ValueError("BOI/EOI positions must hold the same id in every codebook column")
-        return input_ids
+        """(B, N, 2) joint ids, checked (`libra_lm.segments.check_joint_ids`: one host
+        synchronisation); (B, N) text-only ids are duplicated into both columns."""
+        return check_joint_ids(input_ids, self.config)
 
     def forward(
         self,
@@ -395,8 +380,38 @@ class LibraForCausalLM(nn.Module):
         segment_ids (B, N): packed sequences (positions restart per segment unless
         position_ids are given); past_key_values/use_cache: incremental decoding;
         logits_to_keep: heads on the last k positions only (0 = all)."""
-        cfg = self.config
         input_ids = self.check_input_ids(input_ids)
+        return self._forward(input_ids, clip_features, attention_mask, labels, position_ids=position_ids,
+                             segment_ids=segment_ids, past_key_values=past_key_values, use_cache=use_cache,
+                             logits_to_keep=logits_to_keep)
+
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache, *, num_vision: int) -> LibraOutput:
+        """One step of incremental decoding, without a host synchronisation: `input_ids`
+        (B, n, num_codebooks) follow the cached positions and are taken as valid (the model's
+        own samples: nothing is checked), `num_vision` of them are vision tokens (known on the
+        host, it spares the router counting them on the device); the new tokens are real (no
+        padding), and no CLIP features come with them (generated patches get none, as the
+        official)."""
+        return self._forward(as_joint_ids(input_ids, self.config), None, None, None, past_key_values=cache,
+                             num_vision=num_vision)
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        clip_features: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        num_vision: int | None = None,
+    ) -> LibraOutput:
+        """`forward` on ids already checked; `num_vision`: the number of vision tokens, when the
+        caller knows it (then nothing here reads device values back to the host)."""
+        cfg = self.config
         b, n, _ = input_ids.shape
         device = input_ids.device
         if self.attn_backend not in BACKENDS:
@@ -415,7 +430,10 @@ class LibraForCausalLM(nn.Module):
         is_vision = input_ids[..., 0] >= cfg.text_vocab_size
         key_is_vision = is_vision if past == 0 else torch.cat([cache.is_vision, is_vision], 1)
         key_mask = self._key_mask(attention_mask, cache, b, n, past, device)
-        has_padding = bool((~key_mask).any())
+        if attention_mask is None:  # the new tokens are real: padding only where the cache has some
+            has_padding = past > 0 and cache.has_padding
+        else:
+            has_padding = bool((~key_mask).any())
 
         if position_ids is None:
             if segment_ids is not None:
@@ -427,7 +445,7 @@ class LibraForCausalLM(nn.Module):
         if tuple(position_ids.shape) != (b, n):
             raise ValueError(f"position_ids must be (B, N) = ({b}, {n}), got {tuple(position_ids.shape)}")
 
-        router = Router(is_vision, run_idle=self.run_idle_modules)
+        router = Router(is_vision, run_idle=self.run_idle_modules, num_vision=num_vision)
         dtype = self.model.embed_tokens.weight.dtype
         cos, sin = rope_cos_sin(position_ids.to(device), cfg.head_dim, cfg.rope_theta, dtype)
         backend = self.attn_backend
@@ -435,7 +453,8 @@ class LibraForCausalLM(nn.Module):
             backend = "auto"  # the fused kernels take Nq == Nk; decoding steps use sdpa
         ctx = _Context(
             router=router, cos=cos, sin=sin, key_is_vision=key_is_vision, segment_ids=segment_ids,
-            key_padding_mask=key_mask if has_padding else None, backend=backend, cache=cache, layout_cache={},
+            key_padding_mask=key_mask if has_padding else None, backend=backend, cache=cache,
+            layout_cache=_layout_hints(router, n),
         )
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and cache is not None:
@@ -444,7 +463,7 @@ class LibraForCausalLM(nn.Module):
         x = self.model.embed(input_ids, clip_features, router)
         hidden = self.model(x, ctx, checkpointing=checkpointing)
         if cache is not None:
-            cache.advance(key_is_vision, key_mask)
+            cache.advance(key_is_vision, key_mask, has_padding)
 
         if logits_to_keep and logits_to_keep < n:
             head_router = Router(is_vision[:, -logits_to_keep:], run_idle=self.run_idle_modules)
@@ -476,11 +495,12 @@ class LibraForCausalLM(nn.Module):
 
     def _heads(self, hidden: torch.Tensor, router: Router) -> tuple[torch.Tensor, torch.Tensor]:
         """Text head on text positions, the vision heads on vision positions; -inf elsewhere
-        (the official joint logit layout, reference 2.8)."""
+        (the official joint logit layout, docs/official-formats.md#lm-behaviour)."""
         cfg = self.config
         b, n, _ = hidden.shape
         if not router.run_idle and router.num_vision == 0:  # text only: no scatter of the large logits
-            vision = hidden.new_full((b, n, cfg.num_codebooks, cfg.vision_vocab_size), float("-inf"), dtype=torch.float32)
+            shape = (b, n, cfg.num_codebooks, cfg.vision_vocab_size)
+            vision = hidden.new_full(shape, float("-inf"), dtype=torch.float32)
             return self.lm_head(hidden).float(), vision
         h_text, h_vision = router.split(hidden)
         text = hidden.new_full((b * n, cfg.text_vocab_size), float("-inf"), dtype=torch.float32)
@@ -496,7 +516,7 @@ class LibraForCausalLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of every label, (B, N-1, codebooks), 0 where ignored, and the mask of
         the labels that count. Position t predicts t + 1. A position's logits are finite only for
-        its own modality (the official joint [text | vision] layout, reference 2.8), so the joint
+        its own modality (the official joint [text | vision] layout), so the joint
         log-softmax equals the log-softmax over that modality's logits; a label of the other
         modality would have probability 0 and is rejected. A text position predicts one text
         token, so its cross-entropy is computed once and counted in every codebook."""
@@ -543,7 +563,8 @@ class LibraForCausalLM(nn.Module):
     def loss(
         self, text_logits: torch.Tensor, vision_logits: torch.Tensor, labels: torch.Tensor, is_vision: torch.Tensor
     ) -> torch.Tensor:
-        """Official loss (reference 2.9): per codebook, the mean cross-entropy over its
+        """Official loss (`LibraForCausalLM.forward`, docs/official-formats.md#lm-behaviour): per
+        codebook, the mean cross-entropy over its
         non-ignored labels in the joint logit space; then the mean over codebooks. A batch
         without labels gives 0 (the official mean would be NaN)."""
         per, valid = self.token_losses(text_logits, vision_logits, labels, is_vision)
@@ -552,6 +573,19 @@ class LibraForCausalLM(nn.Module):
     @staticmethod
     def _official_mean(per: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return (per.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)).mean()
+
+
+def _layout_hints(router: Router, n: int) -> dict:
+    """A layout cache for the attention calls of one pass, seeded with what the router already
+    knows on the host: the most vision and text queries a row has (saves the sdpa plan a
+    synchronisation when one modality is absent, or in one-token decoding steps)."""
+    if router.num_vision == 0:
+        return {"query_counts": (0, n)}
+    if router.num_text == 0:
+        return {"query_counts": (n, 0)}
+    if n == 1:
+        return {"query_counts": (1, 1)}
+    return {}
 
 
 def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

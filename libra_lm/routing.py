@@ -1,8 +1,9 @@
 """Modality routing and the low-rank expert linear.
 
 Every norm, projection and FFN of Libra exists twice, once for text tokens and once for
-vision tokens (patches, BOI and EOI); the official `cal_language_vision` gathers each
-modality's tokens, runs its own module and scatters the results back (reference 2.2).
+vision tokens (patches, BOI and EOI); the official `cal_language_vision`
+(libra/models/libra/modeling_libra.py) gathers each modality's tokens, runs its own module
+and scatters the results back.
 `Router` does the same with token indices computed once per forward and shared by all
 layers, so no work is spent on the other modality's module.
 """
@@ -24,18 +25,26 @@ class Router:
     `run_idle`: also run a modality's modules when the batch has none of its tokens (on zero
     rows), so every parameter gets a (zero) gradient in every step. Data-parallel training
     needs that: DDP without find_unused_parameters, and FSDP2, whose ranks must reduce the
-    same gradients."""
+    same gradients.
 
-    def __init__(self, is_vision: torch.Tensor, run_idle: bool = False):
+    `num_vision`: the number of vision tokens, when the caller knows it on the host (decoding
+    steps); the indices are then computed without a host synchronisation."""
+
+    def __init__(self, is_vision: torch.Tensor, run_idle: bool = False, num_vision: int | None = None):
         if is_vision.dtype != torch.bool or is_vision.ndim != 2:
             raise ValueError(f"is_vision must be a (B, N) bool tensor, got {tuple(is_vision.shape)} {is_vision.dtype}")
         self.is_vision = is_vision
         self.run_idle = run_idle
         self.shape = tuple(is_vision.shape)
         flat = is_vision.reshape(-1)
-        # One host sync here instead of one per routed module.
-        self.vision_index = flat.nonzero().squeeze(1)
-        self.text_index = (~flat).nonzero().squeeze(1)
+        if num_vision is None:
+            # One host sync here instead of one per routed module.
+            self.vision_index = flat.nonzero().squeeze(1)
+            self.text_index = (~flat).nonzero().squeeze(1)
+        else:
+            # A stable sort puts the text tokens first, each group in order: nonzero's indices.
+            order = torch.argsort(flat.to(torch.uint8), stable=True)
+            self.text_index, self.vision_index = order[:flat.numel() - num_vision], order[flat.numel() - num_vision:]
         self.num_vision = int(self.vision_index.numel())
         self.num_text = int(self.text_index.numel())
 
@@ -80,7 +89,7 @@ class Router:
 
 
 class LowRankLinear(nn.Module):
-    """y = B (A x), no bias: the official `LibraLinear` (reference 2.3).
+    """y = B (A x), no bias: the official `LibraLinear` (libra/models/libra/modeling_libra.py).
 
     Expert projections use rank out_features // vision_down_ratio with both factors
     ~ N(0, 0.02); bridges use rank 8 with B = 0, so a fresh bridge changes nothing.

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from libra_tok.fileio import atomic_write_bytes
 
+from .config import LibraConfig
+
 MODEL_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # SentencePiece's whitespace mark
 
@@ -26,7 +28,8 @@ def _spm():
     try:
         import sentencepiece
     except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise ImportError("the text tokenizer needs the sentencepiece package: pip install 'sentencepiece>=0.2'") from exc
+        raise ImportError("the text tokenizer needs the sentencepiece package: "
+                          "pip install 'sentencepiece>=0.2'") from exc
     return sentencepiece
 
 
@@ -34,7 +37,8 @@ class TextTokenizer:
     def __init__(self, model_file: str | Path):
         path = Path(model_file).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"SentencePiece model {path} does not exist (LLaMA folders ship it as {MODEL_FILE})")
+            raise FileNotFoundError(f"SentencePiece model {path} does not exist "
+                                    f"(LLaMA folders ship it as {MODEL_FILE})")
         self.path = path
         self.sp = _spm().SentencePieceProcessor(model_file=str(path))
         self.vocab_size = int(self.sp.vocab_size())
@@ -84,6 +88,21 @@ class TextTokenizer:
         return f"TextTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+def check_text_tokenizer(text_tokenizer: TextTokenizer, config: LibraConfig) -> None:
+    """ValueError unless the tokenizer's pieces fit the LM's text vocabulary and its newline is
+    the LM's (the newline after EOI is a rule of generation and of the training layouts)."""
+    if text_tokenizer.vocab_size > config.text_vocab_size:
+        raise ValueError(
+            f"the text tokenizer has {text_tokenizer.vocab_size} pieces but the LM's text vocabulary is "
+            f"{config.text_vocab_size}; use the tokenizer the model was trained with"
+        )
+    if text_tokenizer.newline_token_id != config.newline_token_id:
+        raise ValueError(
+            f"the text tokenizer's newline is id {text_tokenizer.newline_token_id}, the LM config says "
+            f"{config.newline_token_id} (newline_token_id); use the model's own tokenizer"
+        )
+
+
 def train_sentencepiece(
     texts: Iterable[str], path: str | Path, vocab_size: int, *, model_type: str = "bpe"
 ) -> Path:
@@ -126,4 +145,4 @@ def train_sentencepiece(
     return path
 
 
-__all__ = ["TextTokenizer", "train_sentencepiece", "MODEL_FILE"]
+__all__ = ["TextTokenizer", "check_text_tokenizer", "train_sentencepiece", "MODEL_FILE"]

@@ -1,6 +1,6 @@
 """Fast bridged attention (Libra's cross-modal bridge) without the N x N score matrix.
 
-Contract (DESIGN.md): q, k, v, k_x, v_x (B, H, N, d); is_vision (B, N) bool; optional
+Contract (libra_lm/attention.py, docs/attention.md): q, k, v, k_x, v_x (B, H, N, d); is_vision (B, N) bool; optional
 segment_ids (B, N). Query i sees key j <= i (same segment), with k[j], v[j] when i and j have
 the same modality, else k_x[j], v_x[j]; one softmax over all keys, scale 1/sqrt(d).
 

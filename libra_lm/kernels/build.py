@@ -177,7 +177,7 @@ def compile_only(archs: str = DEFAULT_ARCHS, build_dir: str | Path | None = None
     # The sources are independent: compile them side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
         results = list(pool.map(run, commands))
-    for cmd, proc in zip(commands, results):
+    for cmd, proc in zip(commands, results, strict=True):
         output = (proc.stdout + proc.stderr).strip()
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {Path(cmd[2]).name} failed:\n{output}")

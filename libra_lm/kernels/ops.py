@@ -40,7 +40,7 @@ def _new_buffer(shape, dtype, device) -> Tensor:
 
 
 def check_inputs(q, k, v, k_x, v_x, is_vision, segment_ids) -> None:
-    """Shapes and dtypes of the bridged-attention contract (DESIGN.md "Contracts")."""
+    """Shapes and dtypes of the bridged-attention contract (`libra_lm.attention.bridged_attention`)."""
     if q.dim() != 4:
         raise ValueError(f"q must be (B, H, N, d), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v), ("k_x", k_x), ("v_x", v_x)):
@@ -125,7 +125,7 @@ def _extension(q: Tensor):
 def _kernel_layout(x: Tensor) -> Tensor:
     """x itself when the kernels can read it 16 bytes at a time, else a contiguous copy."""
     ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(
-        size == 1 or stride % 8 == 0 for size, stride in zip(x.shape[:3], x.stride()[:3])
+        size == 1 or stride % 8 == 0 for size, stride in zip(x.shape[:3], x.stride()[:3], strict=True)
     )
     return x if ok else x.contiguous()
 

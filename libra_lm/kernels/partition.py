@@ -1,4 +1,4 @@
-"""The query partition of bridged attention (DESIGN.md "Bridged attention without N x N").
+"""The query partition of bridged attention (docs/attention.md; the `sdpa` backend of libra_lm/attention.py).
 
 Which key/value a query sees depends only on the pair of modalities, so queries of one
 modality all attend over one view: text queries see `k` at text keys and `k_x` at vision keys,

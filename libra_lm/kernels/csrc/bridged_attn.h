@@ -1,11 +1,11 @@
 // Bridged attention (Libra's cross-modal bridge) without the N x N matrix: host interface.
 //
-// Contract (DESIGN.md "Contracts"): q, k, v, kx, vx are (B, H, N, D). For query i and key
+// Contract (libra_lm/attention.py `bridged_attention`): q, k, v, kx, vx are (B, H, N, D). For query i and key
 // j <= i (original positions; and, when segment ids are given, seg[i] == seg[j]) the key and
 // value are k[j], v[j] when is_vision[i] == is_vision[j], else kx[j], vx[j]; one softmax over
 // all keys with scale 1/sqrt(D).
 //
-// Query partition (DESIGN.md "Bridged attention without N x N"): queries are sorted by
+// Query partition (docs/attention.md): queries are sorted by
 // modality (text first, then vision, ascending position inside each), cut into tiles of one
 // modality, and each tile attends over the single key/value view its modality needs. The work
 // is that of one causal attention. The plan (perm, tiles, n_text, segment labels) is computed
