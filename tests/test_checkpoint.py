@@ -1,4 +1,5 @@
-"""Official vqgan.ckpt layout, our save/load format, and the libra-l336 parameter shapes."""
+"""load_official (libra_tok.checkpoint): the official vqgan.ckpt layout and folders, any CLIP ViT the
+official loader would load, files that are not checkpoints, and the libra-l336 parameter shapes."""
 
 import json
 import pickle
@@ -8,32 +9,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from builders import (
+    Opaque,
+    hf_tiny_clip,
+    official_ids,
+    official_l336_shapes,
+    official_layout,
+    write_official_tokenizer_files,
+)
 from libra_tok import CheckpointError, ImageTokenizer, TokenizerConfig, load_official
-from libra_tok.checkpoint import check_tokenizer_state, official_to_ours
-from test_encoder import hf_tiny_clip, hf_vision_state
-from test_quantizer import official_ids
-
-PREFIX = "encoder.vision_tower.vision_model."
-
-
-def official_layout(hf_clip, ref: ImageTokenizer) -> dict:
-    """A state dict written by hand in the official VQModel naming (reference 6.1)."""
-    sd = {PREFIX + k: v.clone() for k, v in hf_vision_state(hf_clip).items()}
-    sd[PREFIX + "embeddings.position_ids"] = torch.arange(65).unsqueeze(0)  # persistent in the official copy
-    q = ref.quantizer
-    sd["quant_conv.weight"], sd["quant_conv.bias"] = q.quant_conv.weight.clone(), q.quant_conv.bias.clone()
-    sd["quantize.project_in.weight"] = q.lfq.project_in.weight.clone()
-    sd["quantize.project_in.bias"] = q.lfq.project_in.bias.clone()
-    sd["quantize.project_out.weight"] = q.lfq.project_out.weight.clone()
-    sd["quantize.project_out.bias"] = q.lfq.project_out.bias.clone()
-    sd["quantize.mask"] = torch.tensor([256, 128, 64, 32, 16, 8, 4, 2, 1])
-    sd["post_quant_conv.weight"] = q.post_quant_conv.weight.clone()
-    sd["post_quant_conv.bias"] = q.post_quant_conv.bias.clone()
-    sd.update({"decoder." + k: v.clone() for k, v in ref.decoder.state_dict().items()})
-    # Training-only parts that the loader must drop.
-    sd["loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(64, 3, 3, 3)
-    sd["loss.discriminator.main.0.weight"] = torch.randn(64, 3, 4, 4)
-    return sd
+from libra_tok.conversions import official_to_ours
+from libra_tok.model import check_tokenizer_state
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +101,8 @@ def test_wrong_files_are_explained(tmp_path, official):
 
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match=r"not a torch checkpoint or safetensors file: it looks like text \('hello'\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"not a torch checkpoint or safetensors file: it looks like text \('hello'\)"):
         load_official(text, config="tiny")
 
     extra = tmp_path / "extra.ckpt"
@@ -123,7 +110,8 @@ def test_wrong_files_are_explained(tmp_path, official):
     with pytest.raises(CheckpointError, match="ema.decoder.conv_in.weight"):
         load_official(extra, config="tiny")
 
-    with pytest.raises(CheckpointError, match=r"(?s)shape mismatch.*expected \(577, 1024\), found \(65, 64\).*pass its config"):
+    with pytest.raises(CheckpointError,
+                       match=r"(?s)shape mismatch.*expected \(577, 1024\), found \(65, 64\).*pass its config"):
         load_official(_official_copy(tmp_path, sd))  # no yaml, no config: libra-l336 is assumed
 
     empty = tmp_path / "empty"
@@ -139,10 +127,6 @@ def _official_copy(tmp_path, sd):
     return path
 
 
-class Opaque:  # an object a weights-only unpickler refuses
-    pass
-
-
 def test_pickled_objects_need_trust(tmp_path, official):
     _, _, _, sd = official
     path = tmp_path / "vqgan.ckpt"
@@ -152,94 +136,7 @@ def test_pickled_objects_need_trust(tmp_path, official):
     assert isinstance(load_official(path, config="tiny", trust_pickle=True), ImageTokenizer)
 
 
-def test_save_and_load_round_trip(tiny_tok, tiny_pixels, tmp_path):
-    folder = tiny_tok.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
-    meta = json.loads((folder / "config.json").read_text())
-    assert meta["format"] == "libra-tok" and meta["config"]["clip_model"] == "libra-tiny-vit"
-    loaded = ImageTokenizer.from_pretrained(folder).eval()
-    assert loaded.config == tiny_tok.config
-    for (k, a), (k2, b) in zip(tiny_tok.state_dict().items(), loaded.state_dict().items()):
-        assert k == k2 and torch.equal(a, b), k
-    a, b = tiny_tok.encode(tiny_pixels), loaded.encode(tiny_pixels)
-    assert torch.equal(a.ids, b.ids) and torch.equal(a.features, b.features)
-    assert torch.equal(tiny_tok.decode(a.ids), loaded.decode(a.ids))
-    # Non-persistent LFQ buffers are rebuilt, not left uninitialised.
-    assert torch.equal(loaded.quantizer.lfq.codebook, tiny_tok.quantizer.lfq.codebook)
-
-
-def test_from_pretrained_explains_wrong_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="save_pretrained"):
-        ImageTokenizer.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(CheckpointError, match="not a libra-tok config"):
-        ImageTokenizer.from_pretrained(tmp_path)
-
-
 # ---- libra-l336 has exactly the official shapes ---------------------------------------------
-def official_l336_shapes() -> dict[str, tuple]:
-    """Every tensor of the official vqgan.ckpt (reference 6.1), written out."""
-    s = {}
-    c = PREFIX
-    s[c + "embeddings.class_embedding"] = (1024,)
-    s[c + "embeddings.patch_embedding.weight"] = (1024, 3, 14, 14)
-    s[c + "embeddings.position_embedding.weight"] = (577, 1024)
-    s[c + "embeddings.position_ids"] = (1, 577)
-    for n in ("pre_layrnorm", "post_layernorm"):
-        s[c + n + ".weight"] = s[c + n + ".bias"] = (1024,)
-    for i in range(24):
-        L = f"{c}encoder.layers.{i}."
-        for p in "qkv":
-            s[L + f"self_attn.{p}_proj.weight"], s[L + f"self_attn.{p}_proj.bias"] = (1024, 1024), (1024,)
-        s[L + "self_attn.out_proj.weight"], s[L + "self_attn.out_proj.bias"] = (1024, 1024), (1024,)
-        for n in ("layer_norm1", "layer_norm2"):
-            s[L + n + ".weight"] = s[L + n + ".bias"] = (1024,)
-        s[L + "mlp.fc1.weight"], s[L + "mlp.fc1.bias"] = (4096, 1024), (4096,)
-        s[L + "mlp.fc2.weight"], s[L + "mlp.fc2.bias"] = (1024, 4096), (1024,)
-    s["quant_conv.weight"], s["quant_conv.bias"] = (1024, 4096, 1, 1), (1024,)
-    s["quantize.project_in.weight"], s["quantize.project_in.bias"] = (18, 1024), (18,)
-    s["quantize.project_out.weight"], s["quantize.project_out.bias"] = (1024, 18), (1024,)
-    s["quantize.mask"] = (9,)
-    s["post_quant_conv.weight"], s["post_quant_conv.bias"] = (1024, 1024, 1, 1), (1024,)
-
-    def conv(name, cout, cin, k):
-        s[name + ".weight"], s[name + ".bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(name, ch):
-        s[name + ".weight"] = s[name + ".bias"] = (ch,)
-
-    def resblock(name, cin, cout):
-        norm(name + ".norm1", cin)
-        conv(name + ".conv1", cout, cin, 3)
-        norm(name + ".norm2", cout)
-        conv(name + ".conv2", cout, cout, 3)
-        if cin != cout:
-            conv(name + ".nin_shortcut", cout, cin, 1)
-
-    def attn(name, ch):
-        norm(name + ".norm", ch)
-        for p in ("q", "k", "v", "proj_out"):
-            conv(f"{name}.{p}", ch, ch, 1)
-
-    conv("decoder.conv_in", 1024, 1024, 3)
-    resblock("decoder.mid.block_1", 1024, 1024)
-    attn("decoder.mid.attn_1", 1024)
-    resblock("decoder.mid.block_2", 1024, 1024)
-    chans = {4: 1024, 3: 512, 2: 256, 1: 128, 0: 128}
-    cin = 1024
-    for level in (4, 3, 2, 1, 0):
-        for b in range(3):
-            resblock(f"decoder.up.{level}.block.{b}", cin if b == 0 else chans[level], chans[level])
-            if level == 4:
-                attn(f"decoder.up.4.attn.{b}", 1024)
-        cin = chans[level]
-        if level > 0:
-            conv(f"decoder.up.{level}.upsample.conv", chans[level], chans[level], 3)
-    norm("decoder.norm_out", 128)
-    conv("decoder.conv_out", 3, 128, 3)
-    return s
-
-
 def test_libra_l336_has_official_shapes():
     shapes = official_l336_shapes()
     cfg = TokenizerConfig.from_preset("libra-l336", clip_pretrained=None)
@@ -252,14 +149,14 @@ def test_libra_l336_has_official_shapes():
     check_tokenizer_state(model, official_to_ours(fake), "official table")
     decoder_params = sum(torch.Size(v).numel() for k, v in shapes.items() if k.startswith("decoder."))
     assert decoder_params == sum(p.numel() for p in model.decoder.parameters())
-    assert 155e6 < decoder_params < 157e6  # reference 1.5: ~156 M
+    assert 155e6 < decoder_params < 157e6  # the official decoder (diffusionmodules/model.py) has ~156 M
     assert model.config.grid_size == 24 and model.num_tokens == 576 and model.config.feature_dim == 4096
 
 
 def test_convert_official_cli(official, tmp_path, tiny_pixels):
     from click.testing import CliRunner
 
-    from cli.tok import main
+    from libra_cli.tok import main
 
     path, _, ref, _ = official
     res = CliRunner().invoke(main, ["convert-official", str(path), str(tmp_path / "converted"), "--preset", "tiny"])
@@ -318,59 +215,10 @@ def test_pickle_hint_only_for_real_torch_pickles(tmp_path, official):
         load_official(legacy_cut, config="tiny")
 
 
-def test_garbage_or_truncated_safetensors_names_the_file(tiny_tok, tmp_path):
-    folder = tiny_tok.save_pretrained(tmp_path / "tok")
-    weights = folder / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: a damaged or truncated safetensors file"):
-        ImageTokenizer.from_pretrained(folder)
-    weights.write_bytes(b"garbage" * 100)
-    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: it looks like text \('garbagegarbage"):
-        ImageTokenizer.from_pretrained(folder)
-    (folder / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=rf"{folder / 'config.json'} is not valid JSON"):
-        ImageTokenizer.from_pretrained(folder)
-
-
-def test_formats_are_recognised_whatever_the_name(tiny_tok, tmp_path):
-    from safetensors.torch import save_file
-
-    from libra_tok.checkpoint import read_state_dict
-
-    state = {k: v.contiguous() for k, v in tiny_tok.state_dict().items()}
-    save_file(state, tmp_path / "weights.bin")
-    loaded = read_state_dict(tmp_path / "weights.bin")
-    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
-    torch.save(state, tmp_path / "pickled.safetensors")
-    with pytest.raises(CheckpointError, match=r"pickled.safetensors: it looks like a torch checkpoint \(zip archive\), "
-                                              r"not a safetensors file"):
-        read_state_dict(tmp_path / "pickled.safetensors")
-
-
-def write_official_tokenizer_files(folder, state_dict, monkeypatch):
-    """vqgan.ckpt + vision_tokenizer_config.yaml of the tiny architecture in `folder` (the
-    yaml's encoder name is made known to the loader, which only knows ViT-L-14-336)."""
-    from libra_tok import checkpoint
-
-    monkeypatch.setitem(checkpoint._OFFICIAL_CLIP_NAMES, "libra-tiny-vit", "libra-tiny-vit")
-    cfg = TokenizerConfig.from_preset("tiny")
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": state_dict, "global_step": 1}, folder / "vqgan.ckpt")
-    (folder / "vision_tokenizer_config.yaml").write_text(yaml.safe_dump({
-        "params": {"embed_dim": cfg.embed_dim, "codebook_size": 512, "num_codebook": 2,
-                   "ddconfig": {"encoder_name": "libra-tiny-vit", "select_layer": list(cfg.feature_layers),
-                                "z_channels": cfg.z_channels, "resolution": cfg.resolution, "ch": cfg.ch,
-                                "ch_mult": list(cfg.ch_mult), "num_res_blocks": cfg.num_res_blocks,
-                                "attn_resolutions": list(cfg.attn_resolutions),
-                                "num_attn_head": cfg.num_attn_heads}}}))
-    return folder
-
-
-def test_from_pretrained_on_lm_folders(official, tmp_path, tiny_pixels, monkeypatch):
+def test_from_pretrained_on_lm_folders(official, tmp_path, tiny_pixels):
     _, _, ref, sd = official
     # An official Libra LM folder: the LM's config.json beside the tokenizer's files.
-    lm = write_official_tokenizer_files(tmp_path / "libra-11b-chat", sd, monkeypatch)
+    lm = write_official_tokenizer_files(tmp_path / "libra-11b-chat", sd)
     (lm / "config.json").write_text(json.dumps({"architectures": ["LibraForCausalLM"], "model_type": "libra"}))
     tok = ImageTokenizer.from_pretrained(lm).eval()
     assert tok.config.clip_model == "libra-tiny-vit"
@@ -386,3 +234,156 @@ def test_from_pretrained_on_lm_folders(official, tmp_path, tiny_pixels, monkeypa
     (ours / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="is an HF LLaMA model folder, not an image tokenizer"):
         ImageTokenizer.from_pretrained(ours)
+
+
+# ---- any CLIP ViT the official loader would load -------------------------------------------------
+def random_hf_clip(seed, **sizes):
+    """A transformers CLIPVisionModel of the given sizes with non-trivial random weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(**sizes)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+# Neither CLIP is registered with open_clip: a 3-head GELU ViT with LayerNorm eps 1e-6 and MLP
+# ratio 2 (its architecture must come from its config.json), and a 1-head QuickGELU ViT whose
+# heads are width / 64, so that its architecture can be read from tensor shapes alone.
+SMALL_CLIP = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3, image_size=96,
+                  patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6)
+SHAPES_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, image_size=56,
+                   patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+
+
+def decoder_yaml(resolution, feature_layers, encoder_name):
+    """vision_tokenizer_config.yaml of a small tokenizer (grid 6 or 4 -> x2 -> the resolution)."""
+    return {"params": {"embed_dim": 32, "ckpt_path": "vqgan.ckpt", "codebook_size": 512, "num_codebook": 2,
+                       "ddconfig": {"encoder_name": encoder_name, "select_layer": list(feature_layers),
+                                    "double_z": False, "z_channels": 32, "resolution": resolution, "in_channels": 3,
+                                    "out_ch": 3, "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
+                                    "attn_resolutions": [], "dropout": 0.0, "num_attn_head": 2}}}
+
+
+def small_config(hf, feature_layers):
+    """Our config of the official tokenizer around `hf` (the architecture written out by hand)."""
+    c = hf.config
+    return TokenizerConfig(
+        clip_model="hand-written", clip_pretrained=None, clip_quick_gelu=c.hidden_act == "quick_gelu",
+        clip_vision={"width": c.hidden_size, "layers": c.num_hidden_layers,
+                     "head_width": c.hidden_size // c.num_attention_heads,
+                     "mlp_ratio": c.intermediate_size / c.hidden_size, "patch_size": c.patch_size,
+                     "image_size": c.image_size,
+                     "norm_kwargs": None if c.layer_norm_eps == 1e-5 else {"eps": c.layer_norm_eps}},
+        feature_layers=tuple(feature_layers), resolution=c.image_size, embed_dim=32, z_channels=32, ch=32,
+        ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), num_attn_heads=2)
+
+
+def official_folder(root, hf, feature_layers, encoder_name, with_clip_folder):
+    """An official-layout folder around `hf`: vqgan.ckpt + yaml, and the CLIP folder the yaml
+    names (written by transformers' save_pretrained) if `with_clip_folder`. Returns the folder,
+    the reference tokenizer (same quantizer and decoder weights) and the raw state dict."""
+    torch.manual_seed(11)
+    ref = ImageTokenizer(small_config(hf, feature_layers), load_clip_weights=False).eval()
+    sd = official_layout(hf, ref)
+    root.mkdir(parents=True)
+    torch.save({"state_dict": sd, "global_step": 5}, root / "vqgan.ckpt")
+    (root / "vision_tokenizer_config.yaml").write_text(
+        yaml.safe_dump(decoder_yaml(hf.config.image_size, feature_layers, encoder_name)))
+    if with_clip_folder:
+        hf.save_pretrained(root / encoder_name)
+    return root, ref, sd
+
+
+def expected_official_ids(hf, sd, pixels, feature_layers):
+    """The official ids computed from the raw tensors: HF CLIP hidden_states, conv, Linear, the
+    hand-written official LFQ (builders.official_ids, checked in tests/test_quantizer.py); and the
+    patches whose pre-sign value is too close to 0 for float noise (left out of the comparison)."""
+    with torch.no_grad():
+        hidden = hf(pixel_values=pixels, output_hidden_states=True).hidden_states
+        features = torch.cat([hidden[k][:, 1:] for k in feature_layers], -1)
+        g = hf.config.image_size // hf.config.patch_size
+        grid = features.transpose(1, 2).reshape(len(pixels), -1, g, g)
+        h = F.conv2d(grid, sd["quant_conv.weight"], sd["quant_conv.bias"]).flatten(2).transpose(1, 2)
+        values = F.linear(h, sd["quantize.project_in.weight"], sd["quantize.project_in.bias"])
+    return official_ids(values), values.abs().min(-1).values < 1e-4, features
+
+
+def pixels_for(tok, asset_images):
+    return tok.preprocess(asset_images[:4])
+
+
+def test_yaml_names_an_hf_clip_folder(tmp_path, asset_images, caplog):
+    """(a) The yaml's encoder_name is a CLIP folder beside vqgan.ckpt (config.json + weights of
+    transformers' save_pretrained): its architecture is built, the ids are the official ones."""
+    hf = random_hf_clip(21, **SMALL_CLIP)
+    folder, ref, sd = official_folder(tmp_path / "official", hf, (1, 3), "small-clip-b16", with_clip_folder=True)
+    with caplog.at_level("WARNING", logger="libra_tok"):
+        tok = load_official(folder).eval()
+    assert "assumed" not in caplog.text  # nothing guessed: the folder said it all
+    cfg = tok.config
+    assert cfg.clip_model == "small-clip-b16" and cfg.clip_quick_gelu is False
+    assert cfg.clip_vision == small_config(hf, (1, 3)).clip_vision
+    assert cfg.architecture_hash() == small_config(hf, (1, 3)).architecture_hash()  # the label is not hashed
+
+    pixels = pixels_for(tok, asset_images)
+    out = tok.encode(pixels)
+    expected, near_zero, features = expected_official_ids(hf, sd, pixels, (1, 3))
+    torch.testing.assert_close(out.features, features, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.ids[~near_zero], expected[~near_zero])
+    torch.testing.assert_close(tok.decode(out.ids), ref.decode(out.ids), rtol=1e-5, atol=1e-5)
+
+    # from_pretrained finds the same; the converted folder round-trips the described CLIP.
+    assert torch.equal(ImageTokenizer.from_pretrained(folder).encode(pixels).ids, out.ids)
+    saved = ImageTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "converted")).eval()
+    assert saved.config == cfg and torch.equal(saved.encode(pixels).ids, out.ids)
+
+
+def test_clip_argument_is_an_hf_folder_or_a_weights_file(tmp_path, asset_images, caplog):
+    """(b) clip=<HF CLIP folder> gives the architecture when the yaml's folder is not there; a
+    weights file gives it from shapes, which cannot tell the heads of a 48-wide CLIP."""
+    hf = random_hf_clip(21, **SMALL_CLIP)
+    folder, _, sd = official_folder(tmp_path / "official", hf, (1, 3), "not-here", with_clip_folder=False)
+    elsewhere = tmp_path / "downloads" / "small-clip"
+    hf.save_pretrained(elsewhere)
+    with caplog.at_level("WARNING", logger="libra_tok"):
+        tok = load_official(folder, clip=elsewhere).eval()
+    assert "assumed" not in caplog.text
+    assert tok.config.clip_vision == small_config(hf, (1, 3)).clip_vision
+    pixels = pixels_for(tok, asset_images)
+    expected, near_zero, _ = expected_official_ids(hf, sd, pixels, (1, 3))
+    assert torch.equal(tok.encode(pixels).ids[~near_zero], expected[~near_zero])
+    # A string works too, and so does clip= with an explicit config of other CLIP dimensions.
+    other = small_config(hf, (1, 3)).replace(clip_model="libra-tiny-vit", clip_vision=None)
+    assert load_official(folder / "vqgan.ckpt", clip=str(elsewhere), config=other).config.clip_vision is not None
+
+    with pytest.raises(CheckpointError, match=r"width 48 has no heads of 64 channels.*HF CLIP folder"):
+        load_official(folder, clip=elsewhere / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="CLIP folder or weights file .*nope does not exist"):
+        load_official(folder, clip=tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
+        load_official(folder, clip="ViT-Nope")
+
+
+def test_architecture_from_shapes_without_the_clip_folder(tmp_path, asset_images, caplog):
+    """(c) No CLIP folder beside vqgan.ckpt: width, blocks, patch, image size and MLP width come
+    from the checkpoint's shapes, the heads from width / 64, and the log says what was assumed."""
+    hf = random_hf_clip(22, **SHAPES_CLIP)
+    folder, ref, sd = official_folder(tmp_path / "official", hf, (1, 2), "some-clip", with_clip_folder=False)
+    with caplog.at_level("WARNING", logger="libra_tok"):
+        tok = load_official(folder).eval()
+    assert "tensor shapes: width 64, 2 blocks, 14 px patches at 56 px, MLP width 128" in caplog.text
+    assert "assumed 1 heads (width / 64) and QuickGELU" in caplog.text
+    assert tok.config.clip_vision == small_config(hf, (1, 2)).clip_vision and tok.config.clip_model == "some-clip"
+    pixels = pixels_for(tok, asset_images)
+    out = tok.encode(pixels)
+    expected, near_zero, _ = expected_official_ids(hf, sd, pixels, (1, 2))
+    assert torch.equal(out.ids[~near_zero], expected[~near_zero])
+    torch.testing.assert_close(tok.decode(out.ids), ref.decode(out.ids), rtol=1e-5, atol=1e-5)
+    # A weights file of that CLIP given as clip= is read the same way.
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    assert load_official(folder, clip=tmp_path / "clip.safetensors").config.clip_vision == tok.config.clip_vision

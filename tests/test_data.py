@@ -13,8 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libra_tok.data import (DEFAULT_MAX_FILE_BYTES, EvalImages, ImageReadError, ImageRecord, InputScan, TrainImages,
-                            decode_image_bytes, list_images, read_image, scan_inputs)
+from libra_tok.data import (
+    DEFAULT_MAX_FILE_BYTES,
+    ImageReadError,
+    ImageRecord,
+    InputScan,
+    TrainImages,
+    decode_image_bytes,
+    list_images,
+    load_image,
+    read_image,
+    scan_inputs,
+)
 
 
 def png_bytes(colour=(200, 10, 10), size=(8, 6)) -> bytes:
@@ -114,7 +124,7 @@ def test_tar_that_cannot_be_opened_is_one_skipped_entry(tmp_path, tar_and_folder
 def test_encode_keeps_going_past_a_truncated_tar(tmp_path, tar_and_folder):
     """End to end: the intact members and the other inputs are encoded."""
     from libra_tok import ImageTokenizer
-    from libra_tok.pipeline import encode_images
+    from libra_tok.pipeline import encode_to_shards
     from libra_tok.shards import open_shards
 
     tar_path, folder = tar_and_folder
@@ -123,7 +133,7 @@ def test_encode_keeps_going_past_a_truncated_tar(tmp_path, tar_and_folder):
         third = tar.getmember("0002.png")
     tar_path.write_bytes(data[: third.offset_data + 10])
     tok = ImageTokenizer("tiny").eval()
-    summary = encode_images([tar_path, folder], tmp_path / "out", tok, num_workers=0, progress=False)
+    summary = encode_to_shards([tar_path, folder], tmp_path / "out", tok, num_workers=0, progress=False)
     assert summary.samples == len(open_shards(tmp_path / "out")) == 3
 
 
@@ -263,6 +273,26 @@ def test_read_refuses_fifo_and_devices_at_once(tmp_path):
     )
     lines = run_child(script, str(tmp_path / "x.png"), "/dev/zero")
     assert lines == [f"{tmp_path / 'x.png'} not a regular file", "/dev/zero not a regular file"]
+
+
+def test_image_paths_are_read_with_bounds(tmp_path):
+    """Image paths (libra_tok.data.load_image, which ImageTokenizer.preprocess reads paths with): a
+    FIFO or a device is refused at once, not read; errors name the file."""
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "text.png").write_text("not a png")
+    script = ("import os, resource, sys\nfrom libra_tok.data import load_image\n"
+              "vm = int(open('/proc/self/statm').read().split()[0]) * os.sysconf('SC_PAGE_SIZE')\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+              "for p in sys.argv[1:]:\n"
+              "    try:\n        load_image(p)\n    except ValueError as err:\n        print(err)\n")
+    paths = [str(tmp_path / "pipe.png"), "/dev/zero", str(tmp_path / "text.png")]
+    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"cannot read image {paths[0]}: not a regular file",
+                                          "cannot read image /dev/zero: not a regular file",
+                                          f"cannot read image {paths[2]}: not an image"]
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        load_image(tmp_path / "missing.png")
 
 
 def test_read_refuses_oversized_files_without_reading(tmp_path, monkeypatch):

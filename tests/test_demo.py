@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.tok import main
+from libra_cli.tok import main
 
 
 def test_demo_writes_grid_and_metrics(tmp_path, asset_images):

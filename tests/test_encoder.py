@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from libra_tok.checkpoint import clip_state_dict_to_open_clip
+from builders import Opaque, hf_tiny_clip, hf_vision_state
 from libra_tok.config import TokenizerConfig
+from libra_tok.conversions import clip_state_dict_to_open_clip
 from libra_tok.encoder import ClipFeatureEncoder
 
 
@@ -31,24 +32,6 @@ def test_features_are_outputs_of_one_based_blocks(tiny_tok, tiny_pixels):
     with torch.no_grad():
         shifted = hand_features(enc.tower, tiny_pixels, [k - 1 for k in tiny_tok.config.feature_layers])
     assert (got - shifted).abs().max() > 1e-2
-
-
-def hf_tiny_clip():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(3)
-    cfg = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           image_size=112, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)
-    model = CLIPVisionModel(cfg).eval()
-    with torch.no_grad():  # non-trivial LayerNorm and bias values, so a swapped tensor shows
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
-def hf_vision_state(model):
-    """HF vision-tower weights relative to `vision_model.` (transformers 4 nests, 5 does not)."""
-    return {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()}
 
 
 def test_matches_hf_clip_hidden_states(tiny_pixels):
@@ -111,10 +94,6 @@ def test_missing_clip_weights_file_is_explained(tmp_path):
     cfg = TokenizerConfig.from_preset("tiny", clip_pretrained=str(tmp_path / "nope.bin"))
     with pytest.raises(FileNotFoundError, match="nope.bin does not exist"):
         ClipFeatureEncoder(cfg)
-
-
-class Opaque:  # an object a weights-only unpickler refuses
-    pass
 
 
 def test_clip_weights_with_python_objects_need_trust(tmp_path, tiny_pixels):

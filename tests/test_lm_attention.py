@@ -30,7 +30,7 @@ def pair_loop(q, k, v, k_x, v_x, is_vision, segment_ids=None):
                     scores.append(float(q[bi, hi, a].double() @ key) / math.sqrt(d))
                     values.append((v if same else v_x)[bi, hi, j].double())
                 weights = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0)
-                out[bi, hi, a] = sum(w * val for w, val in zip(weights, values))
+                out[bi, hi, a] = sum(w * val for w, val in zip(weights, values, strict=True))
     return out
 
 
@@ -92,7 +92,7 @@ def test_sdpa_equals_eager(n, images, segments):
     grad = torch.randn_like(ref)
     g_ref = torch.autograd.grad(ref, (q, k, v, k_x, v_x), grad)
     g_out = torch.autograd.grad(out, (q, k, v, k_x, v_x), grad)
-    for a, b in zip(g_out, g_ref):
+    for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -119,7 +119,8 @@ def test_key_padding_equals_unpadded(backend):
 
     mask = torch.tensor([[False] * 5 + [True] * 12])
     padded_vision = torch.cat([torch.tensor([[True, False, True, False, False]]), is_vision], 1)
-    out = bridged_attention(*(pad(t) for t in (q, k, v, k_x, v_x)), padded_vision, key_padding_mask=mask, backend=backend)
+    out = bridged_attention(*(pad(t) for t in (q, k, v, k_x, v_x)), padded_vision, key_padding_mask=mask,
+                            backend=backend)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out[:, :, 5:], ref, rtol=1e-5, atol=1e-5)
     # Segments and padding together: padding is its own segment.
@@ -207,7 +208,8 @@ def test_missing_kernels_module(monkeypatch):
     monkeypatch.setattr(attention, "_kernels_error", None)
     monkeypatch.setitem(__import__("sys").modules, "libra_lm.kernels", None)  # makes the import fail
     q, k, v, k_x, v_x = random_inputs(n=4)
-    with pytest.raises(BackendUnavailableError, match="'flex' cannot run these inputs: libra_lm.kernels could not be imported"):
+    with pytest.raises(BackendUnavailableError,
+                       match="'flex' cannot run these inputs: libra_lm.kernels could not be imported"):
         bridged_attention(q, k, v, k_x, v_x, torch.zeros(2, 4, dtype=torch.bool), backend="flex")
 
 

@@ -8,9 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from libra_lm import LibraConfig, LibraForCausalLM
+from builders import (
+    TINY,
+    hf_llama,
+    hf_tiny_clip,
+    mixed_batch,
+    official_layout,
+    randomize_,
+    write_official_folder,
+    write_official_tokenizer_files,
+)
+from libra_lm import LibraForCausalLM
 from libra_lm.checkpoint import CheckpointError
-from test_lm_model import TINY, hf_llama_config, mixed_batch, randomize_
 
 
 # ---- our format ----------------------------------------------------------------------------------
@@ -58,19 +67,13 @@ def test_folder_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(CheckpointError, match="model_type 'gpt2'"):
         LibraForCausalLM.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "libra-lm", "format_version": 1, "config": TINY.to_dict()}))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "libra-lm", "format_version": 1,
+                                                      "config": TINY.to_dict()}))
     with pytest.raises(FileNotFoundError, match="has no weights"):
         LibraForCausalLM.from_pretrained(tmp_path)
 
 
 # ---- HF LLaMA folders ----------------------------------------------------------------------------
-def hf_llama(seed=0, **extra):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return randomize_(LlamaForCausalLM(hf_llama_config(TINY, **extra)), seed=seed).eval()
-
-
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
 def test_hf_llama_text_logits_equal_transformers(tmp_path, layout):
     llama = hf_llama()
@@ -84,7 +87,8 @@ def test_hf_llama_text_logits_equal_transformers(tmp_path, layout):
     if layout == "sharded":
         assert (folder / "model.safetensors.index.json").is_file()
         # Loading needs no transformers at run time.
-        code = (f"import sys; from libra_lm import LibraForCausalLM; LibraForCausalLM.from_pretrained({str(folder)!r}); "
+        code = (f"import sys; from libra_lm import LibraForCausalLM; "
+                f"LibraForCausalLM.from_pretrained({str(folder)!r}); "
                 "assert 'transformers' not in sys.modules, 'transformers was imported'")
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
@@ -132,96 +136,7 @@ def test_hf_llama_unsupported_variant(tmp_path):
         LibraForCausalLM.from_pretrained(tmp_path / "gqa")
 
 
-# ---- the official Libra layout (reference 6.2), written by hand ---------------------------------------
-def official_state_dict(cfg: LibraConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    d, i, v, c = cfg.hidden_size, cfg.intermediate_size, cfg.text_vocab_size, cfg.contiguous_signal_size
-    ra, ri = d // 4, i // 4  # expert ranks: out_features // vision_down_ratio
-    shapes = {
-        "model.embed_tokens.weight": (v, d),
-        "lm_head.weight": (v, d),
-        "model.vision_embed_tokens.0.weight": (514, d // 2),
-        "model.vision_embed_tokens.1.weight": (514, d // 2),
-        "model.vision_signal_norm.weight": (d + c,),
-        "model.vision_contiguous_signal_processor.weight": (d, d + c),
-        "model.norm.weight": (d,),
-        "model.vision_norm.weight": (d,),
-        "vision_lm_head.heads.0.weight": (514, d),
-        "vision_lm_head.heads.1.weight": (514, d),
-    }
-    for layer in range(cfg.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        for proj in "qkvo":
-            shapes[f"{p}self_attn.{proj}_proj.weight"] = (d, d)
-            shapes[f"{p}self_attn.vision_{proj}_proj.weight_A"] = (ra, d)
-            shapes[f"{p}self_attn.vision_{proj}_proj.weight_B"] = (d, ra)
-        for kv in "kv":
-            for side in ("language", "vision"):
-                shapes[f"{p}self_attn.vision_{kv}_bridge_on_{side}.weight_A"] = (8, d)
-                shapes[f"{p}self_attn.vision_{kv}_bridge_on_{side}.weight_B"] = (d, 8)
-        shapes[f"{p}mlp.gate_proj.weight"] = (i, d)
-        shapes[f"{p}mlp.up_proj.weight"] = (i, d)
-        shapes[f"{p}mlp.down_proj.weight"] = (d, i)
-        for proj in ("gate", "up"):
-            shapes[f"{p}mlp.vision_{proj}_proj.weight_A"] = (ri, d)
-            shapes[f"{p}mlp.vision_{proj}_proj.weight_B"] = (i, ri)
-        shapes[f"{p}mlp.vision_down_proj.weight_A"] = (ra, i)
-        shapes[f"{p}mlp.vision_down_proj.weight_B"] = (d, ra)
-        for norm in ("input_layernorm", "post_attention_layernorm", "vision_input_layernorm",
-                     "vision_post_attention_layernorm"):
-            shapes[f"{p}{norm}.weight"] = (d,)
-    return {k: (torch.randn(s, generator=g) * 0.1).to(torch.bfloat16) for k, s in shapes.items()}
-
-
-def official_extras(cfg: LibraConfig) -> dict[str, torch.Tensor]:
-    """Placeholders and buffers the official checkpoint may also hold (reference 6.2)."""
-    d, v = cfg.hidden_size, cfg.text_vocab_size
-    extras = {
-        "vision_hidden_placeholder": torch.randn(d),
-        "naive_placeholder": torch.zeros(d),
-        "vision_logits_placeholder": torch.full((1, 514), float("-inf")),
-        "language_logits_placeholder": torch.full((1, v), float("-inf")),
-        "eoi_to_newline_logits_placeholder": torch.full((1, 1, 1, v + 514), float("-inf")),
-    }
-    for layer in range(cfg.num_hidden_layers):
-        extras[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = torch.rand(cfg.head_dim // 2)
-    return {k: t.to(torch.bfloat16) for k, t in extras.items()}
-
-
-def official_config_json(cfg: LibraConfig) -> dict:
-    return {
-        "architectures": ["LibraForCausalLM"], "model_type": "libra",
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_attention_heads, "vocab_size": cfg.text_vocab_size,
-        "rms_norm_eps": 1e-06, "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-        "vision_down_ratio": 4, "vision_vocab_size": 514, "vision_codebook_num": 2,
-        "max_vision_token_length": cfg.num_image_tokens + 2, "newline_token_id": 13,
-        "contiguous_signal_size": cfg.contiguous_signal_size, "image_feature_resolution": 8,
-        "vision_prediction_mode": "1d", "use_bridge": True, "bridge_rank": 8, "concat_signals": True,
-        "norm_signals": True, "addition_mode": False, "use_vision_position_embedding": False,
-        "unified_head": False, "use_2d_rope": False,
-    }
-
-
-def write_official_folder(folder, cfg=TINY, seed=0):
-    """Two safetensors shards + model.safetensors.index.json, as the released folders."""
-    folder.mkdir(parents=True)
-    weights = official_state_dict(cfg, seed)
-    everything = {**weights, **official_extras(cfg)}
-    keys = sorted(everything)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    weight_map = {}
-    for name, shard_keys in shards.items():
-        save_file({k: everything[k] for k in shard_keys}, folder / name)
-        weight_map.update({k: name for k in shard_keys})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(official_config_json(cfg)))
-    return weights
-
-
+# ---- the official Libra layout (docs/official-formats.md#lm-folder), written by hand -----------------
 def test_official_layout_loads_every_key(tmp_path):
     weights = write_official_folder(tmp_path / "libra")
     model = LibraForCausalLM.from_pretrained(tmp_path / "libra")
@@ -238,7 +153,8 @@ def test_official_layout_loads_every_key(tmp_path):
 
 def test_official_unknown_key_and_unsupported_switch(tmp_path):
     write_official_folder(tmp_path / "a")
-    save_file({"model.layers.0.self_attn.vision_q_proj.lora": torch.zeros(1)}, tmp_path / "a" / "model-00003-of-00003.safetensors")
+    save_file({"model.layers.0.self_attn.vision_q_proj.lora": torch.zeros(1)},
+              tmp_path / "a" / "model-00003-of-00003.safetensors")
     index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.self_attn.vision_q_proj.lora"] = "model-00003-of-00003.safetensors"
     (tmp_path / "a" / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -276,8 +192,6 @@ def test_garbage_or_truncated_weights_name_the_file(tmp_path):
 def official_tokenizer():
     """A tiny tokenizer and its state dict in the official vqgan.ckpt naming."""
     from libra_tok import ImageTokenizer
-    from test_checkpoint import official_layout
-    from test_encoder import hf_tiny_clip
 
     torch.manual_seed(7)
     ref = ImageTokenizer("tiny").eval()
@@ -293,7 +207,6 @@ def same_weights(a, b) -> bool:
 def test_image_tokenizer_of_an_official_folder(tmp_path, official_tokenizer, monkeypatch, tiny_pixels):
     from libra_lm.checkpoint import image_tokenizer_for
     from libra_tok import load_official
-    from test_checkpoint import write_official_tokenizer_files
 
     sd, ref = official_tokenizer
     folder = tmp_path / "libra-11b-chat"

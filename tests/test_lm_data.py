@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from libra_lm import LibraConfig, TextTokenizer
+from builders import CAPTIONS, SMALL, TINY
 from libra_lm.data import (
     Collator,
     Example,
@@ -28,69 +28,13 @@ from libra_lm.data import (
     pretrain_example,
     truncate,
 )
-from libra_lm.generate import build_prompt, image_segment
-from test_lm_text import train_tiny_text_tokenizer
+from libra_lm.generate import build_prompt
+from libra_lm.segments import image_segment
 
-TINY = LibraConfig.from_preset("tiny")
-SMALL = LibraConfig.from_preset("tiny", num_image_tokens=4)  # 4 patches: examples short enough to write out
 V = TINY.text_vocab_size  # 320: vision id c is V + c, BOI V + 512, EOI V + 513
 BOI, EOI, X = V + 512, V + 513, -100
 
-CAPTIONS = {
-    "astronaut.png": "A portrait of an ASTRONAUT in a white suit",
-    "brick.png": "an old brick wall ## with grey mortar",
-    "camera.png": "a camera man standing   in a field",
-    "chelsea.png": "a cat named chelsea looking at the camera",
-    "coffee.png": "a cup of coffee on a saucer",
-    "grass.png": "green grass growing in the sun",
-    "hubble_deep_field.jpg": "thousands of distant galaxies in the dark sky",
-    "retina.jpg": "a retina image with many small blood vessels",
-    "rocket.jpg": "a rocket launching into the blue sky",
-    # gravel.png has no caption: pretraining leaves it out
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI box has 2 shared cores: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return train_tiny_text_tokenizer(tmp_path_factory.mktemp("sp"))
-
-
-@pytest.fixture(scope="module")
-def text_tok(sp):
-    return TextTokenizer(sp)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory, asset_images):
-    root = tmp_path_factory.mktemp("captioned") / "imgs"
-    root.mkdir()
-    for p in asset_images:
-        shutil.copy(p, root / p.name)
-    lines = [json.dumps({"file": name, "caption": text}) for name, text in CAPTIONS.items()]
-    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
-def shard_dirs(image_folder, tmp_path_factory):
-    """The same images encoded twice by the tiny tokenizer: with and without stored features."""
-    from libra_tok.pipeline import encode_images, load_tokenizer
-
-    tok = load_tokenizer(preset="tiny", device="cpu")
-    out = tmp_path_factory.mktemp("shards")
-    for name, features in (("with", True), ("without", False)):
-        encode_images([image_folder], out / name, tok, batch_size=5, shard_size=6, num_workers=0, progress=False,
-                      save_features=features)
-    return out / "with", out / "without"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- captions ------------------------------------------------------------------------------------------
@@ -117,20 +61,20 @@ def test_caption_word_limit_and_html_option():
 
 # ---- label masks written out ----------------------------------------------------------------------------
 def test_pretrain_layout_and_labels_by_hand(text_tok):
-    codes = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
-    ex = pretrain_example(codes, "a photo", text_tok, SMALL)
+    image_ids = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])
+    ex = pretrain_example(image_ids, "a photo", text_tok, SMALL)
     caption = ex.ids[8:, 0].tolist()
     # "\n" then the caption without SentencePiece's dummy prefix ("a", not "▁a"), as after an image.
     assert text_tok.sp.id_to_piece(caption[0]) == "a" and text_tok.decode(caption) == "a photo"
     col0 = [1, BOI, V + 5, V + 7, V + 9, V + 11, EOI, 13, *caption]
     col1 = [1, BOI, V + 6, V + 8, V + 10, V + 12, EOI, 13, *caption]
-    assert ex.ids.tolist() == [list(p) for p in zip(col0, col1)]
+    assert ex.ids.tolist() == [list(p) for p in zip(col0, col1, strict=True)]
     # BOS, BOI and the newline masked; patches, EOI and the caption trained; no EOS.
     lab0 = [X, X, V + 5, V + 7, V + 9, V + 11, EOI, X, *caption]
     lab1 = [X, X, V + 6, V + 8, V + 10, V + 12, EOI, X, *caption]
-    assert ex.labels.tolist() == [list(p) for p in zip(lab0, lab1)]
+    assert ex.labels.tolist() == [list(p) for p in zip(lab0, lab1, strict=True)]
     assert [s.start for s in ex.images] == [2]
-    with_eos = pretrain_example(codes, "a photo", text_tok, SMALL, eos=True)
+    with_eos = pretrain_example(image_ids, "a photo", text_tok, SMALL, eos=True)
     assert with_eos.ids[-1].tolist() == [2, 2] and with_eos.labels[-1].tolist() == [2, 2]
 
 
@@ -147,14 +91,14 @@ def test_instruction_labels_by_hand(text_tok):
 
 
 def test_instruction_with_image_masks_everything_but_answers(text_tok):
-    codes = torch.arange(8).view(4, 2)
+    image_ids = torch.arange(8).view(4, 2)
     rounds, image_round = parse_conversation([
         {"from": "human", "value": "What is this?\n<image>"},
         {"from": "gpt", "value": "A red ball."},
         {"from": "human", "value": "And the colour?"},
         {"from": "gpt", "value": "Red."},
     ])
-    ex = conversation_example(rounds, text_tok, SMALL, codes=codes, image_round=image_round)
+    ex = conversation_example(rounds, text_tok, SMALL, image_ids=image_ids, image_round=image_round)
     trained = ex.labels[:, 0] != X
     assert text_tok.decode(ex.ids[trained, 0].tolist()) == "A red ball. Red."
     assert ex.ids[trained, 0].tolist().count(2) == 2  # each answer ends with EOS, which is trained
@@ -162,7 +106,7 @@ def test_instruction_with_image_masks_everything_but_answers(text_tok):
     image_span = (ex.ids[:, 0] >= V)
     assert int(image_span.sum()) == 6 and not trained[image_span].any()
     # The first round's prompt is exactly what generation builds for this question.
-    prompt = build_prompt(text_tok, SMALL, "What is this?", image=image_segment(codes, None, SMALL))
+    prompt = build_prompt(text_tok, SMALL, "What is this?", image=image_segment(image_ids, None, SMALL))
     assert torch.equal(ex.ids[: prompt.ids.shape[0]], prompt.ids)
     assert not trained[: prompt.ids.shape[0]].any() and trained[prompt.ids.shape[0]]
     assert ex.images[0].start == int(image_span.nonzero()[0]) + 1
@@ -187,8 +131,8 @@ def test_parse_conversation_rules():
 
 
 def test_truncation_never_cuts_an_image(text_tok):
-    codes = torch.zeros(4, 2, dtype=torch.long)
-    ex = pretrain_example(codes, "a cat on a red sofa", text_tok, SMALL)
+    image_ids = torch.zeros(4, 2, dtype=torch.long)
+    ex = pretrain_example(image_ids, "a cat on a red sofa", text_tok, SMALL)
     assert len(truncate(ex, 8, SMALL)) == 8 and truncate(ex, 8, SMALL).images  # cut after EOI: image kept
     cut = truncate(ex, 5, SMALL)  # would end inside the image: ends before BOI instead
     assert cut.ids[:, 0].tolist() == [1] and cut.images == []
@@ -223,7 +167,8 @@ def test_features_and_pixels_go_to_their_slots():
     feats = torch.randn(TINY.num_image_tokens, TINY.contiguous_signal_size).half()
     a = Example(torch.zeros(70, 2, dtype=torch.long), torch.zeros(70, 2, dtype=torch.long), [ImageSlot(3, feats)])
     pixels = torch.randn(3, 112, 112)
-    b = Example(torch.zeros(68, 2, dtype=torch.long), torch.zeros(68, 2, dtype=torch.long), [ImageSlot(2, None, pixels)])
+    b = Example(torch.zeros(68, 2, dtype=torch.long), torch.zeros(68, 2, dtype=torch.long),
+                [ImageSlot(2, None, pixels)])
     batch = collate([a, b], TINY, pack=True, pack_length=200)
     assert torch.equal(batch.clip_features[0, 3:67], feats.float())
     assert batch.clip_features[0, :3].eq(0).all() and batch.clip_features[0, 67:].eq(0).all()
@@ -243,20 +188,16 @@ def test_image_lookup_by_path_suffix():
     assert lookup.find("ain2017/1.jpg")[0] is None  # whole path components only
 
 
-def test_metadata_index_finds_captions_without_parsing(tmp_path):
-    from libra_lm.data import _scan_meta
-
-    rows = [{"caption": "", "source": "a"}, {"caption": 'say "caption": "" here', "source": "b"}, {"source": "c"},
-            {"caption": "ünïcode ok", "source": "d"}]
-    path = tmp_path / "meta.jsonl"
-    # As libra_tok.shards writes it, with an empty line at the end.
-    path.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows) + "\n")
-    starts, captioned = _scan_meta(path)
-    assert captioned.tolist() == [False, True, False, True]
-    with open(path, "rb") as fh:
-        for start, row in zip(starts, rows):
-            fh.seek(int(start))
-            assert json.loads(fh.readline()) == row
+def test_shard_images_read_several_folders_through_one_reader(shard_dirs):
+    both = ShardImages(list(shard_dirs))
+    assert len(both) == 20 and both.shards.roots == list(shard_dirs)
+    assert not both.has_features and both.needs_encoder  # the second folder stores no features
+    assert np.array_equal(both.ids(13), both.ids(3)) and both.ids(3).dtype == np.int64
+    assert both.meta(13) == both.meta(3) and list(both.iter_meta())[13] == both.meta(13)
+    captioned = [bool(m.get("caption")) for m in both.iter_meta()]
+    assert both.captioned.tolist() == captioned and sum(captioned) == 18
+    with pytest.raises(IndexError, match="sample 20 out of range for 20 samples"):
+        both.meta(20)
 
 
 def test_pretrain_dataset_reads_shards(shard_dirs, sp, text_tok):
@@ -274,7 +215,7 @@ def test_pretrain_dataset_reads_shards(shard_dirs, sp, text_tok):
         assert torch.equal(ex.ids[2:2 + 64] - V, torch.from_numpy(sample.ids.astype(np.int64)))
         assert torch.equal(ex.images[0].features, torch.from_numpy(np.array(sample.features)))
         expected = preprocess_caption(sample.meta["caption"])
-        assert text_tok.decode(ex.ids[ex.labels[:, 0] != X, 0].tolist()[65:]) == expected  # after 64 codes + EOI
+        assert text_tok.decode(ex.ids[ex.labels[:, 0] != X, 0].tolist()[65:]) == expected  # after 64 image ids + EOI
     # No stored features: the image comes back as pixels for the encoder; discrete: nothing.
     recompute = PretrainDataset(ShardImages([without]), sp, TINY)[0]
     assert recompute.images[0].features is None and recompute.images[0].pixels.shape == (3, 112, 112)
@@ -321,7 +262,7 @@ def test_instruction_dataset_from_llava_json(shard_dirs, sp, text_tok, tmp_path)
     ex = data[0]
     index = next(i for i, m in enumerate(images.iter_meta()) if m["source"].endswith("chelsea.png"))
     start = ex.images[0].start
-    assert torch.equal(ex.ids[start:start + 64] - V, torch.from_numpy(images.codes(index)))
+    assert torch.equal(ex.ids[start:start + 64] - V, torch.from_numpy(images.ids(index)))
     assert torch.equal(ex.images[0].features, images.image(index)[0])
     assert text_tok.decode(ex.ids[ex.labels[:, 0] != X, 0].tolist()) == "A cat."
     text_only = data[1]
@@ -339,7 +280,7 @@ def test_worker_processes_give_the_same_batches(shard_dirs, sp):
     batches = [list(DataLoader(data, batch_sampler=keys, num_workers=n, collate_fn=Collator(TINY, pack=True,
                                                                                           pack_length=300)))
                for n in (0, 2)]
-    for a, b in zip(*batches):
+    for a, b in zip(*batches, strict=True):
         for name in ("input_ids", "labels", "attention_mask", "segment_ids", "clip_features"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 

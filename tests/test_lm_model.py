@@ -6,71 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from libra_lm import LibraConfig, LibraForCausalLM
-from libra_lm.routing import LowRankLinear, Router, exact_low_rank_factors
-
-TINY = LibraConfig.from_preset("tiny")
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
-    """Every parameter random (norms around 1, bridges non-zero) so that no part is trivial."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * scale
-            p.copy_(1.0 + noise if ("norm" in name) else noise)
-    return model
+from builders import MIXED, TINY, hf_llama_config, mixed_batch, randomize_
+from libra_lm import LibraForCausalLM
+from libra_lm.routing import Router, exact_low_rank_factors
 
 
-def mixed_batch(config: LibraConfig, layouts, seed: int = 0):
-    """(input_ids (B, N, 2), clip_features (B, N, C)) from per-row layouts: a list of ("t", n)
-    text runs and ("i", n) images (BOI + n patches + EOI)."""
-    g = torch.Generator().manual_seed(seed)
-    rows, feats = [], []
-    for layout in layouts:
-        ids, f = [], []
-        for kind, count in layout:
-            if kind == "t":
-                t = torch.randint(3, config.text_vocab_size, (count,), generator=g)
-                ids.append(t[:, None].expand(count, config.num_codebooks))
-                f.append(torch.randn(count, config.contiguous_signal_size, generator=g))  # must be ignored
-            else:
-                codes = torch.randint(0, config.codebook_size, (count, config.num_codebooks), generator=g)
-                ids += [torch.full((1, config.num_codebooks), config.boi_token_id), codes + config.text_vocab_size,
-                        torch.full((1, config.num_codebooks), config.eoi_token_id)]
-                f.append(torch.randn(count + 2, config.contiguous_signal_size, generator=g))
-        rows.append(torch.cat(ids))
-        feats.append(torch.cat(f))
-    n = {r.shape[0] for r in rows}
-    assert len(n) == 1, "rows of a batch must have one length"
-    return torch.stack(rows), torch.stack(feats)
-
-
-MIXED = [[("t", 3), ("i", 5), ("t", 4), ("i", 3), ("t", 2)], [("t", 1), ("i", 9), ("t", 9)]]
-
-
-# ---- config -------------------------------------------------------------------------------------------
-def test_config_presets_round_trip_and_errors():
-    cfg = LibraConfig.from_preset("libra-7b")
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (4096, 32, 32, 11008)
-    assert (cfg.text_vocab_size, cfg.vision_vocab_size, cfg.boi_token_id, cfg.eoi_token_id) == (32000, 514, 32512, 32513)
-    assert (cfg.image_length, cfg.contiguous_signal_size, cfg.rms_norm_eps, cfg.max_position_embeddings) == (578, 4096, 1e-6, 2048)
-    assert (cfg.expert_rank(4096), cfg.expert_rank(11008), cfg.bridge_rank) == (1024, 2752, 8)
-    assert LibraConfig.from_dict(TINY.to_dict()) == TINY
-    assert TINY.head_dim == 16 and TINY.contiguous_signal_size == 192 and TINY.num_image_tokens == 64
-    assert LibraConfig.from_preset("tiny", num_hidden_layers=3).num_hidden_layers == 3
-    with pytest.raises(ValueError, match=r"unknown LibraConfig field\(s\) \['hidden'\]"):
-        LibraConfig.from_dict({**TINY.to_dict(), "hidden": 3})
-    with pytest.raises(ValueError, match=r"unknown LibraConfig field\(s\) \['layers'\]"):
-        LibraConfig.from_preset("tiny", layers=3)
-    with pytest.raises(ValueError, match=r"unknown LM preset 'big'; presets: \['libra-7b', 'tiny'\]"):
-        LibraConfig.from_preset("big")
-    with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
-        LibraConfig.from_preset("tiny", num_attention_heads=5)
-
-
+# ---- the released shapes -----------------------------------------------------------------------------------
 def test_libra_7b_shapes_and_parameter_count():
-    # Reference 2.4 / 6.2 shapes and its count of ~11.016 B parameters (~132.4 M vision per layer).
+    # The released shapes (docs/official-formats.md#lm-folder) and their count of ~11.016 B parameters
+    # (~132.4 M vision per layer).
     with torch.device("meta"):
         model = LibraForCausalLM("libra-7b")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -106,49 +50,7 @@ def test_libra_7b_shapes_and_parameter_count():
     assert abs(total / 1e9 - 11.016) < 0.001
 
 
-# ---- routing primitives ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("pattern", ["mixed", "text", "vision"])
-def test_router_applies_each_modality_function(pattern):
-    x = torch.randn(3, 7, 5)
-    is_vision = {"mixed": torch.rand(3, 7) > 0.5, "text": torch.zeros(3, 7, dtype=torch.bool),
-                 "vision": torch.ones(3, 7, dtype=torch.bool)}[pattern]
-    router = Router(is_vision)
-    out = router(x, lambda t: t * 2 + 1, lambda t: -t)
-    expected = torch.where(is_vision[..., None], -x, x * 2 + 1)
-    torch.testing.assert_close(out, expected)
-    text, vision = router.split(x)
-    assert text.shape == (int((~is_vision).sum()), 5) and vision.shape == (int(is_vision.sum()), 5)
-    torch.testing.assert_close(router.merge(text, vision), x)
-
-
-def test_low_rank_linear_official_init_and_exact_factors():
-    torch.manual_seed(0)
-    expert = LowRankLinear(256, 512, 128).requires_grad_(False)
-    bridge = LowRankLinear(256, 512, 8, zero_init_b=True).requires_grad_(False)
-    assert abs(float(expert.weight_A.std()) - 0.02) < 0.001 and abs(float(expert.weight_B.std()) - 0.02) < 0.001
-    assert abs(float(bridge.weight_A.std()) - 0.02) < 0.002 and not bridge.weight_B.any()
-    x = torch.randn(4, 256)
-    torch.testing.assert_close(expert(x), x @ (expert.weight_B @ expert.weight_A).T, rtol=1e-4, atol=1e-6)
-    w = torch.randn(48, 32)
-    a, b = exact_low_rank_factors(w)
-    assert torch.equal(b @ a, w)
-
-
 # ---- equivalence with LLaMA --------------------------------------------------------------------------------
-def hf_llama_config(config: LibraConfig, **extra):
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        vocab_size=config.text_vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_attention_heads, max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False,
-        pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        attn_implementation="eager",
-    )
-    return LlamaConfig(**{**kwargs, **extra})
-
-
 def copy_llama_into_vision_(model: LibraForCausalLM) -> None:
     """Vision expert := the LLaMA weights (exact rank-complete factors), vision norms := text
     norms, bridges zero."""
@@ -242,7 +144,8 @@ def test_hybrid_input_embedding():
                 torch.testing.assert_close(x[t], m.embed_tokens.weight[ids[0, t, 0]])
                 continue
             clip = feats[0, t] if local[t, 0] < TINY.codebook_size else torch.zeros(TINY.contiguous_signal_size)
-            cat = torch.cat([m.vision_embed_tokens[0].weight[local[t, 0]], m.vision_embed_tokens[1].weight[local[t, 1]], clip])
+            cat = torch.cat([m.vision_embed_tokens[0].weight[local[t, 0]], m.vision_embed_tokens[1].weight[local[t, 1]],
+                             clip])
             normed = cat / torch.sqrt(cat.pow(2).mean() + TINY.rms_norm_eps) * m.vision_signal_norm.weight
             torch.testing.assert_close(x[t], m.vision_contiguous_signal_processor.weight @ normed, rtol=1e-5, atol=1e-5)
         # Absent features = zeros; features at text positions are never read.
@@ -306,7 +209,8 @@ def test_loss_equals_hand_computation():
     assert abs(float(out.loss) - expected) < 1e-5
     # Same as F.cross_entropy on the materialised joint logits.
     joint = [torch.cat([out.text_logits, out.vision_logits[..., c, :]], -1)[:, :-1] for c in range(2)]
-    ce = [F.cross_entropy(joint[c].reshape(-1, v_t + 514), labels[:, 1:, c].reshape(-1), ignore_index=-100) for c in range(2)]
+    ce = [F.cross_entropy(joint[c].reshape(-1, v_t + 514), labels[:, 1:, c].reshape(-1), ignore_index=-100)
+          for c in range(2)]
     torch.testing.assert_close(out.loss, (ce[0] + ce[1]) / 2, rtol=1e-5, atol=1e-6)
 
 
@@ -330,7 +234,8 @@ def test_loss_backward_and_gradient_checkpointing_match():
         model.gradient_checkpointing = checkpointing
         loss = model(ids, feats, labels=labels).loss
         loss.backward()
-        grads.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads.append((float(loss.detach()),
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
     assert grads[0][1].keys() == grads[1][1].keys()
     assert len(grads[0][1]) == len(list(model.parameters()))  # every parameter takes part
@@ -345,7 +250,8 @@ def test_frozen_llm_trains_exactly_the_vision_parameters():
     model.frozen_llm = True
     trainable = {n for n, _ in model.named_trainable_parameters()}
     assert trainable == {n for n, _ in model.named_parameters() if "vision" in n}
-    # Reference 2.11: bridges on text tokens train too; LLaMA parts and embeddings do not.
+    # The official frozen-LLM filter ("vision" in the name): bridges on text tokens train too; LLaMA parts
+    # and embeddings do not.
     assert "model.layers.0.self_attn.vision_k_bridge_on_language.weight_A" in trainable
     for frozen in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
                    "model.layers.1.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"):

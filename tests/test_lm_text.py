@@ -1,36 +1,9 @@
 """The SentencePiece wrapper and the tiny LLaMA-layout tokenizer trainer."""
 
-from pathlib import Path
-
 import pytest
 
+from builders import CORPUS
 from libra_lm import LibraConfig, TextTokenizer, train_sentencepiece
-
-CORPUS = [
-    "A chat between a curious user and an artificial intelligence assistant.",
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    "USER: What is in the image? ASSISTANT: A cat is sitting on a red sofa next to a window.",
-    "USER: Describe the picture in detail. ASSISTANT: There are two dogs running in a green park.",
-    "a photo of an astronaut standing on the moon with the earth in the background",
-    "a close up of a coffee cup on a wooden table, the morning light is warm",
-    "the brick wall is old and the grass in front of it is growing tall",
-    "a camera man is standing in a field of gravel near the river at noon",
-    "the hubble deep field shows thousands of distant galaxies in the dark sky",
-    "a retina image with many small blood vessels, seen through a microscope",
-    "What colour is the car? The car is blue and it is parked in the street.",
-    "How many people are there? There are 3 people and 12 birds in the photo.",
-] * 4
-
-
-def train_tiny_text_tokenizer(folder: Path, vocab_size: int | None = None) -> Path:
-    """A LLaMA-layout SentencePiece model sized for the tiny LM preset."""
-    vocab_size = vocab_size or LibraConfig.from_preset("tiny").text_vocab_size
-    return train_sentencepiece(CORPUS, folder / "tokenizer.model", vocab_size)
-
-
-@pytest.fixture(scope="module")
-def text_tok(tmp_path_factory):
-    return TextTokenizer.from_pretrained(train_tiny_text_tokenizer(tmp_path_factory.mktemp("sp")))
 
 
 def test_llama_layout_special_ids(text_tok):

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,29 +16,40 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from libra_lm import LibraConfig, LibraForCausalLM
+from builders import (
+    CAPTIONS,
+    MIXED,
+    ROOT,
+    TINY,
+    MarkerPayload,
+    Opaque,
+    cli_error,
+    free_port,
+    hf_llama,
+    mixed_batch,
+    point_latest_at,
+    randomize_,
+)
+from libra_lm import LibraForCausalLM
 from libra_lm.data import Collator, InstructionDataset, PretrainDataset, ShardImages, collate
 from libra_lm.train import (
     STAGE_DEFAULTS,
     TrainConfig,
     Trainer,
+    label_loss_terms,
     param_groups,
     sample_losses,
-    token_losses,
     train,
 )
-from libra_tok.train import TrainingDiverged, lr_lambda
-from test_lm_data import CAPTIONS, image_folder, one_thread, shard_dirs, sp  # noqa: F401 (fixtures)
-from test_lm_model import MIXED, mixed_batch, randomize_
+from libra_tok.run import TrainingDiverged, lr_lambda
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = LibraConfig.from_preset("tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def config(tmp_path, shards, sp, **kw):
-    base = dict(stage="pretrain", data=[str(shards)], preset="tiny", text_tokenizer=str(sp), out_dir=str(tmp_path / "run"),
-                steps=4, batch_size=3, grad_accum=1, lr=3e-3, num_workers=0, log_every=1, save_every=100,
-                val_every=100, gradient_checkpointing=False, seed=0, device="cpu")
+def config(tmp_path, shards, tokenizer_model, **kw):
+    base = dict(stage="pretrain", data=[str(shards)], preset="tiny", text_tokenizer=str(tokenizer_model),
+                out_dir=str(tmp_path / "run"), steps=4, batch_size=3, grad_accum=1, lr=3e-3, num_workers=0,
+                log_every=1, save_every=100, val_every=100, gradient_checkpointing=False, seed=0, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -61,7 +71,7 @@ def llava_json(tmp_path_factory):
 
 
 # ---- the loss ------------------------------------------------------------------------------------------
-def test_token_losses_are_the_official_loss_split_by_label_kind():
+def test_label_loss_terms_are_the_official_loss_split_by_label_kind():
     torch.manual_seed(0)
     model = randomize_(LibraForCausalLM(TINY), seed=1, scale=0.2)
     ids, feats = mixed_batch(TINY, MIXED, seed=3)
@@ -72,7 +82,7 @@ def test_token_losses_are_the_official_loss_split_by_label_kind():
     labels[boi | after_eoi] = -100  # cross-modal predictions, masked as the data pipeline does
     labels[0, :2] = -100
     out = model(ids, feats, labels=labels)
-    per, valid, image = token_losses(out, labels, TINY)
+    per, valid, image = label_loss_terms(out, labels, TINY)
     assert torch.allclose(per[valid].sum() / valid.sum(), out.loss, rtol=1e-6)
     # Independent check of one image label: the mean over codebooks of each head's cross-entropy.
     b, t = image.nonzero()[0].tolist()
@@ -82,7 +92,7 @@ def test_token_losses_are_the_official_loss_split_by_label_kind():
     assert not per[~valid].any() and image.any() and (valid & ~image).any()
 
 
-def test_packed_sequences_give_the_per_sample_losses_of_padded_ones(shard_dirs, sp, llava_json):  # noqa: F811
+def test_packed_sequences_give_the_per_sample_losses_of_padded_ones(shard_dirs, sp, llava_json):
     torch.manual_seed(0)
     model = randomize_(LibraForCausalLM(TINY), seed=2, scale=0.2)
     images = ShardImages([shard_dirs[0]])
@@ -95,7 +105,7 @@ def test_packed_sequences_give_the_per_sample_losses_of_padded_ones(shard_dirs, 
         with torch.no_grad():
             out = model(batch.input_ids, batch.clip_features, batch.attention_mask, batch.labels,
                         segment_ids=batch.segment_ids)
-        per, valid, _ = token_losses(out, batch.labels, TINY)
+        per, valid, _ = label_loss_terms(out, batch.labels, TINY)
         losses.append(sample_losses(batch, per, valid))
         if kw:
             assert batch.input_ids.shape[0] < len(examples)  # really packed
@@ -104,7 +114,7 @@ def test_packed_sequences_give_the_per_sample_losses_of_padded_ones(shard_dirs, 
 
 
 # ---- pretraining ---------------------------------------------------------------------------------------
-def test_pretraining_loss_falls_and_the_llm_stays_frozen(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_pretraining_loss_falls_and_the_llm_stays_frozen(tmp_path, shard_dirs, sp):
     cfg = config(tmp_path, shard_dirs[0], sp, steps=24, batch_size=9, lr=4e-3, log_every=1, val_holdout=0)
     trainer = Trainer(cfg, progress=False)
     opt_names = {n for n, p in trainer.model.named_parameters() if any(p is q for g in trainer.opt.param_groups
@@ -128,15 +138,13 @@ def test_pretraining_loss_falls_and_the_llm_stays_frozen(tmp_path, shard_dirs, s
     assert set(ckpt["trainable"]) == set(ckpt["optimizer"]["state"]) == {k for k in start if "vision" in k}
     assert (result.final_model / "tokenizer.model").read_bytes() == Path(sp).read_bytes()
     with Image.open(result.plot) as im:
-        assert im.format == "PNG" and im.width > 400
+        assert im.format == "PNG" and im.width > 400 and im.info["Software"].startswith("Matplotlib")
 
 
-def test_pretraining_from_an_hf_llama_folder(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_pretraining_from_an_hf_llama_folder(tmp_path, shard_dirs, sp):
     """The LLaMA weights load and stay frozen; the image sizes of the LM come from the shards;
     the text tokenizer defaults to the folder's tokenizer.model."""
     pytest.importorskip("transformers")
-    from test_lm_checkpoint import hf_llama
-
     llama = hf_llama(seed=4)
     llama.save_pretrained(tmp_path / "llama")
     shutil.copy(sp, tmp_path / "llama" / "tokenizer.model")
@@ -152,7 +160,7 @@ def test_pretraining_from_an_hf_llama_folder(tmp_path, shard_dirs, sp):  # noqa:
     assert sum(name in state for name in llama.state_dict()) == len(llama.state_dict())
 
 
-def test_resume_is_bitwise_exact(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_resume_is_bitwise_exact(tmp_path, shard_dirs, sp):
     """Stop at step 3, resume, and reach exactly the state of an uninterrupted run (with
     validation, warm-up, gradient accumulation and the data order crossing epochs)."""
     kw = dict(steps=6, save_every=3, batch_size=2, grad_accum=2, val_holdout=2, val_every=2)
@@ -176,7 +184,7 @@ def test_resume_is_bitwise_exact(tmp_path, shard_dirs, sp):  # noqa: F811
     assert strip(ra) == strip(rb) and any("val_loss" in r for r in ra)
 
 
-def test_resume_refuses_another_starting_point(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_resume_refuses_another_starting_point(tmp_path, shard_dirs, sp):
     cfg = config(tmp_path, shard_dirs[0], sp, steps=4, save_every=2)
     train(cfg, progress=False, stop_at=2)
     with pytest.raises(ValueError, match="frozen weights differ .*--seed"):
@@ -185,7 +193,7 @@ def test_resume_refuses_another_starting_point(tmp_path, shard_dirs, sp):  # noq
         train(config(tmp_path, shard_dirs[0], sp, steps=4, frozen_llm=False), resume=True, progress=False)
 
 
-def test_gradient_accumulation_and_checkpointing_change_nothing(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_gradient_accumulation_and_checkpointing_change_nothing(tmp_path, shard_dirs, sp):
     """4 sequences in one micro-batch = 2 x 2 accumulated (token-mean loss); recomputing the
     layers in the backward pass gives the same steps."""
     runs = {name: train(config(tmp_path / name, shard_dirs[0], sp, steps=3, **kw), progress=False)
@@ -201,7 +209,7 @@ def test_gradient_accumulation_and_checkpointing_change_nothing(tmp_path, shard_
 
 @pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
 @pytest.mark.parametrize("reduction", ["tokens", "official"])
-def test_loss_reduction_over_micro_batches(tmp_path, shard_dirs, sp, reduction):  # noqa: F811
+def test_loss_reduction_over_micro_batches(tmp_path, shard_dirs, sp, reduction):
     """tokens: gradient of (sum of every label's loss) / (labels of the step); official (HF
     Trainer): gradient of the mean over micro-batches of each micro-batch's mean."""
     trainer = Trainer(config(tmp_path, shard_dirs[0], sp, batch_size=2, grad_accum=2, loss_reduction=reduction,
@@ -216,7 +224,7 @@ def test_loss_reduction_over_micro_batches(tmp_path, shard_dirs, sp, reduction):
     counts = [b.num_labels for b in micro]
     assert counts[0] != counts[1]  # captions differ in length: the two reductions differ
     if reduction == "tokens":
-        loss = sum(o.loss * c for o, c in zip(outs, counts)) / sum(counts)
+        loss = sum(o.loss * c for o, c in zip(outs, counts, strict=True)) / sum(counts)
     else:
         loss = sum(o.loss for o in outs) / 2
     trainer.model.zero_grad()
@@ -225,7 +233,7 @@ def test_loss_reduction_over_micro_batches(tmp_path, shard_dirs, sp, reduction):
                          for n, p in trainer.model.named_parameters() if p.grad is not None)
 
 
-def test_recomputed_features_equal_the_stored_ones(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_recomputed_features_equal_the_stored_ones(tmp_path, shard_dirs, sp):
     with_feats, without = shard_dirs
     stored = Trainer(config(tmp_path / "a", with_feats, sp), progress=False)
     recomputed = Trainer(config(tmp_path / "b", without, sp), progress=False)
@@ -250,7 +258,7 @@ def test_recomputed_features_equal_the_stored_ones(tmp_path, shard_dirs, sp):  #
     assert discrete.features(batch) is None  # the model then uses zero features
 
 
-def test_a_different_image_tokenizer_is_refused(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_a_different_image_tokenizer_is_refused(tmp_path, shard_dirs, sp):
     from libra_tok import ImageTokenizer
 
     torch.manual_seed(123)
@@ -260,9 +268,10 @@ def test_a_different_image_tokenizer_is_refused(tmp_path, shard_dirs, sp):  # no
 
 
 # ---- instruction tuning --------------------------------------------------------------------------------
-def test_sft_trains_every_parameter_on_answers_only(tmp_path, shard_dirs, sp, llava_json):  # noqa: F811
+def test_sft_trains_every_parameter_on_answers_only(tmp_path, shard_dirs, sp, llava_json):
     pre = train(config(tmp_path / "pre", shard_dirs[0], sp, steps=2), progress=False)
-    cfg = TrainConfig(stage="sft", data=[str(llava_json)], image_shards=[str(shard_dirs[1])], init_from=str(pre.final_model),
+    cfg = TrainConfig(stage="sft", data=[str(llava_json)], image_shards=[str(shard_dirs[1])],
+                      init_from=str(pre.final_model),
                       out_dir=str(tmp_path / "sft"), steps=3, batch_size=3, grad_accum=1, lr=1e-3, num_workers=0,
                       log_every=1, gradient_checkpointing=False, seed=0, device="cpu")
     assert (cfg.frozen_llm, cfg.max_length) == (False, 2048)
@@ -285,7 +294,8 @@ def test_stage_defaults_are_the_official_hyper_parameters():
         (1e-4, 8, 4, 700, 40_000, True)
     assert (sft.lr, sft.batch_size, sft.grad_accum, sft.max_length, sft.steps, sft.frozen_llm) == \
         (2e-5, 2, 8, 2048, None, False)
-    assert (pre.betas, pre.eps, pre.weight_decay, pre.warmup_ratio, pre.grad_clip) == ((0.9, 0.99), 1e-8, 0.01, 0.05, 1.0)
+    assert (pre.betas, pre.eps, pre.weight_decay, pre.warmup_ratio, pre.grad_clip) == \
+        ((0.9, 0.99), 1e-8, 0.01, 0.05, 1.0)
     assert TrainConfig(stage="sft", lr=1e-3).lr == 1e-3 and STAGE_DEFAULTS["pretrain"]["lr"] == 1e-4
     with pytest.raises(ValueError, match="stage must be one of"):
         TrainConfig(stage="finetune")
@@ -309,7 +319,7 @@ def test_weight_decay_spares_norms_and_frozen_parameters():
     assert all("vision" in names[id(p)] and "norm" not in names[id(p)] for p in decay["params"])
 
 
-def test_non_finite_loss_names_step_and_checkpoint(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_non_finite_loss_names_step_and_checkpoint(tmp_path, shard_dirs, sp):
     cfg = config(tmp_path, shard_dirs[0], sp, steps=6, save_every=2)
     train(cfg, progress=False, stop_at=2)
     # The same shards with NaN features: the first step after resuming has a NaN loss.
@@ -322,7 +332,7 @@ def test_non_finite_loss_names_step_and_checkpoint(tmp_path, shard_dirs, sp):  #
         train(cfg, resume=True, progress=False)
 
 
-def test_data_errors_come_before_the_model(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_data_errors_come_before_the_model(tmp_path, shard_dirs, sp):
     with pytest.raises(ValueError, match="no text tokenizer: pass --text-tokenizer"):
         Trainer(config(tmp_path, shard_dirs[0], sp, text_tokenizer=None), progress=False)
     with pytest.raises(ValueError, match="the shards do not fit the LM: 64 patches per image in the shards, "
@@ -333,8 +343,8 @@ def test_data_errors_come_before_the_model(tmp_path, shard_dirs, sp):  # noqa: F
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_config_file_overrides_and_resume(tmp_path, shard_dirs, sp):  # noqa: F811
-    from cli.lm import main
+def test_cli_config_file_overrides_and_resume(tmp_path, shard_dirs, sp):
+    from libra_cli.lm import main
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(f"steps: 2\nbatch_size: 3\ngrad_accum: 1\nnum_workers: 0\ngradient_checkpointing: false\n"
@@ -359,7 +369,7 @@ def test_cli_config_file_overrides_and_resume(tmp_path, shard_dirs, sp):  # noqa
 
 
 @pytest.mark.cuda
-def test_cuda_bf16_steps_follow_fp32_cpu(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_cuda_bf16_steps_follow_fp32_cpu(tmp_path, shard_dirs, sp):
     """On a GPU the default precision is bf16 autocast (features recomputed on the GPU too);
     its first losses stay close to the fp32 CPU run's."""
     kw = dict(steps=3, batch_size=4, gradient_checkpointing=True)
@@ -371,22 +381,18 @@ def test_cuda_bf16_steps_follow_fp32_cpu(tmp_path, shard_dirs, sp):  # noqa: F81
 
 
 # ---- several processes ---------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel, stage", [("ddp", "pretrain"), ("fsdp", "pretrain"), ("fsdp", "sft")])
-def test_two_processes_equal_one_process(tmp_path, shard_dirs, sp, llava_json, parallel, stage):  # noqa: F811
+def test_two_processes_equal_one_process(tmp_path, shard_dirs, sp, llava_json, parallel, stage):
     """2 gloo processes give the same steps as 1 process with the same global batch (same
     samples, token-mean loss over both processes); FSDP2 shards the weights and gets the same,
     also when one process draws a text-only sample (sft, 1 sequence per process)."""
-    common = ["--steps", "3", "--lr", "3e-3", "--num-workers", "0", "--log-every", "1", "--seed", "0", "--device", "cpu",
+    common = ["--steps", "3", "--lr", "3e-3", "--num-workers", "0", "--log-every", "1", "--seed", "0",
+              "--device", "cpu",
               "--val-holdout", "2", "--val-every", "3"]
     if stage == "pretrain":
-        data, per_process = [str(shard_dirs[1]), "--preset", "tiny", "--text-tokenizer", str(sp), "--grad-accum", "1"], 2
+        data = [str(shard_dirs[1]), "--preset", "tiny", "--text-tokenizer", str(sp), "--grad-accum", "1"]
+        per_process = 2
     else:
         pre = train(config(tmp_path / "pre", shard_dirs[0], sp, steps=1), progress=False)
         data = ["--stage", "sft", str(llava_json), "--image-shards", str(shard_dirs[1]), "--init-from",
@@ -394,12 +400,12 @@ def test_two_processes_equal_one_process(tmp_path, shard_dirs, sp, llava_json, p
         per_process = 1
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                            f"--master_port={_free_port()}", "-m", "cli.lm", "train", *data, "--out-dir",
+                            f"--master_port={free_port()}", "-m", "libra_cli.lm", "train", *data, "--out-dir",
                             str(tmp_path / "multi"), "--batch-size", str(per_process), "--parallel", parallel, *common],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stdout + multi.stderr
     assert multi.stdout.count("trained 3 steps") == 1
-    one = subprocess.run([sys.executable, "-m", "cli.lm", "train", *data, "--out-dir", str(tmp_path / "one"),
+    one = subprocess.run([sys.executable, "-m", "libra_cli.lm", "train", *data, "--out-dir", str(tmp_path / "one"),
                           "--batch-size", str(2 * per_process), *common],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
@@ -424,35 +430,8 @@ def test_two_processes_equal_one_process(tmp_path, shard_dirs, sp, llava_json, p
 
 
 # ---- run folders: checkpoints, metrics, the image tokenizer, options -------------------------------------
-class MarkerPayload:
-    """Pickles to a call of open(marker, "w"): loading the file with a full unpickler creates the marker."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-class Opaque:  # an object a weights-only unpickler refuses
-    pass
-
-
-def cli_error(res) -> str:
-    """The one `Error: ...` line of a failed command (and no traceback)."""
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output, res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, res.output
-    return errors[0]
-
-
-def point_latest_at(out_dir, step):
-    (Path(out_dir) / "checkpoints" / "latest.json").write_text(json.dumps({"file": f"step-{step:08d}.pt", "step": step}))
-
-
-def test_resume_refuses_a_pickled_payload_and_damaged_files(tmp_path, shard_dirs, sp, caplog):  # noqa: F811
-    from cli.lm import main
+def test_resume_refuses_a_pickled_payload_and_damaged_files(tmp_path, shard_dirs, sp, caplog):
+    from libra_cli.lm import main
 
     cfg = config(tmp_path, shard_dirs[0], sp, steps=6, save_every=2)
     train(cfg, progress=False, stop_at=4)
@@ -479,13 +458,13 @@ def test_resume_refuses_a_pickled_payload_and_damaged_files(tmp_path, shard_dirs
                      "continue that run or choose another --out-dir")
     # The offered fix: latest.json names a missing file, the newest intact checkpoint is used.
     last.unlink()
-    with caplog.at_level("WARNING", logger="libra_tok.train"):
+    with caplog.at_level("WARNING", logger="libra_tok.run"):
         result = train(cfg, resume=True, progress=False)
     assert result.step == 6
     assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text
 
 
-def test_resume_drops_repeated_and_partial_metric_rows(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_resume_drops_repeated_and_partial_metric_rows(tmp_path, shard_dirs, sp):
     """A run killed after step 5 (last checkpoint at 4, a half-written metrics line) resumes
     with exactly one row per step, the rows of an uninterrupted run; the plot is drawn."""
     kw = dict(steps=6, save_every=2, val_holdout=2, val_every=2)
@@ -504,20 +483,20 @@ def test_resume_drops_repeated_and_partial_metric_rows(tmp_path, shard_dirs, sp)
     assert result.plot.is_file()
 
 
-def other_tokenizer_shards(tmp_path, image_folder):  # noqa: F811
+def other_tokenizer_shards(tmp_path, image_folder):
     """The captioned images encoded by another tiny tokenizer (other random weights)."""
     from libra_tok import ImageTokenizer
-    from libra_tok.pipeline import encode_images, load_tokenizer
+    from libra_tok.pipeline import encode_to_shards, load_tokenizer
 
     torch.manual_seed(123)
     ImageTokenizer("tiny").save_pretrained(tmp_path / "other-tokenizer")
     tok = load_tokenizer(tmp_path / "other-tokenizer", device="cpu")
-    encode_images([image_folder], tmp_path / "other-shards", tok, batch_size=5, shard_size=10, num_workers=0,
-                  progress=False, tokenizer_source=str(tmp_path / "other-tokenizer"))
+    encode_to_shards([image_folder], tmp_path / "other-shards", tok, batch_size=5, shard_size=10, num_workers=0,
+                     progress=False, tokenizer_source=str(tmp_path / "other-tokenizer"))
     return tmp_path / "other-shards"
 
 
-def test_the_image_tokenizer_of_the_shards_is_recorded_and_checked(tmp_path, shard_dirs, sp, image_folder):  # noqa: F811
+def test_the_image_tokenizer_of_the_shards_is_recorded_and_checked(tmp_path, shard_dirs, sp, image_folder):
     from libra_lm.checkpoint import recorded_image_tokenizer
 
     pre = train(config(tmp_path / "pre", shard_dirs[0], sp, steps=1), progress=False)
@@ -531,14 +510,16 @@ def test_the_image_tokenizer_of_the_shards_is_recorded_and_checked(tmp_path, sha
     llava = tmp_path / "llava.json"
     llava.write_text(json.dumps([{"image": "imgs/chelsea.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]}]))
-    expected = (f"the shards in {other} were encoded by another image tokenizer ({tmp_path / 'other-tokenizer'}, weights "
-                f"{identity['weights_sha256'][:12]}) than the one {pre.final_model} was trained with "
+    expected = (f"the shards in {other} were encoded by another image tokenizer "
+                f"({tmp_path / 'other-tokenizer'}, weights {identity['weights_sha256'][:12]}) "
+                f"than the one {pre.final_model} was trained with "
                 f"({recorded['source'] or 'source not recorded'}, weights {recorded['weights_sha256'][:12]})")
     runs = [TrainConfig(data=[str(llava)], image_shards=[str(other)], out_dir=str(tmp_path / "sft"), **sft),
             TrainConfig(data=[str(other)], init_from=str(pre.final_model), out_dir=str(tmp_path / "more"), steps=1,
                         batch_size=2, grad_accum=1, num_workers=0, device="cpu"),
             TrainConfig(data=[str(shard_dirs[0])], val_data=[str(other)], init_from=str(pre.final_model),
-                        out_dir=str(tmp_path / "val"), steps=1, batch_size=2, grad_accum=1, num_workers=0, device="cpu")]
+                        out_dir=str(tmp_path / "val"), steps=1, batch_size=2, grad_accum=1, num_workers=0,
+                        device="cpu")]
     for cfg in runs[:2]:
         with pytest.raises(ValueError) as err:
             Trainer(cfg, progress=False)
@@ -562,12 +543,11 @@ def test_the_image_tokenizer_of_the_shards_is_recorded_and_checked(tmp_path, sha
     assert recorded_image_tokenizer(result.final_model) == identity
 
 
-def test_trust_pickle_reaches_the_loader_and_is_not_saved(tmp_path, shard_dirs, sp):  # noqa: F811
+def test_trust_pickle_reaches_the_loader_and_is_not_saved(tmp_path, shard_dirs, sp):
     """A pytorch_model.bin with a Python object loads only with --trust-pickle, and a resumed run
     does not inherit the permission from the saved options."""
     pytest.importorskip("transformers")
-    from cli.lm import main
-    from test_lm_checkpoint import hf_llama
+    from libra_cli.lm import main
 
     assert TrainConfig().trust_pickle is False
     llama = hf_llama(seed=4)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from builders import ROOT
 
 ANSWERS = {
     "astronaut.png": "an astronaut in a white suit",
@@ -41,24 +41,24 @@ def test_encode_train_generate_offline(tmp_path, assets_dir):
             {"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": c}]}
         for n, c in ANSWERS.items()]))
 
-    out = run("cli.tok", "encode", "images", "--out", "shards", "--preset", "tiny", "--save-features",
+    out = run("libra_cli.tok", "encode", "images", "--out", "shards", "--preset", "tiny", "--save-features",
               "--num-workers", "0", cwd=tmp_path)
     assert "4 images encoded" in out
-    out = run("cli.lm", "train-text-tokenizer", "shards", "chat.json", "--out", "tokenizer.model", cwd=tmp_path)
+    out = run("libra_cli.lm", "train-text-tokenizer", "shards", "chat.json", "--out", "tokenizer.model", cwd=tmp_path)
     assert "newline id 13" in out
     common = ["--grad-accum", "1", "--batch-size", "4", "--lr", "3e-3", "--num-workers", "0", "--log-every", "10",
               "--no-gradient-checkpointing"]
-    out = run("cli.lm", "train", "shards", "--preset", "tiny", "--text-tokenizer", "tokenizer.model",
+    out = run("libra_cli.lm", "train", "shards", "--preset", "tiny", "--text-tokenizer", "tokenizer.model",
               "--out-dir", "pretrain", "--steps", "20", *common, cwd=tmp_path)
     assert "trained 20 steps" in out
     rows = [json.loads(x) for x in (tmp_path / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss_image"] < rows[0]["loss_image"]
-    out = run("cli.lm", "train", "--stage", "sft", "chat.json", "--image-shards", "shards", "--init-from",
+    out = run("libra_cli.lm", "train", "--stage", "sft", "chat.json", "--image-shards", "shards", "--init-from",
               "pretrain/final", "--out-dir", "sft", "--steps", "80", *common, cwd=tmp_path)
     assert "trained 80 steps" in out and (tmp_path / "sft" / "loss.png").is_file()
     # The tiny LM memorises its four answers; greedy decoding gives them back, image by image.
     # The model folder records the image tokenizer of its shards: no --tokenizer is needed.
     for name in ("chelsea.png", "rocket.jpg"):
-        answer = run("cli.lm", "generate", "--model", "sft/final", "--image", f"images/{name}",
+        answer = run("libra_cli.lm", "generate", "--model", "sft/final", "--image", f"images/{name}",
                      "--prompt", "What is in the image?", "--max-new-tokens", "80", "--device", "cpu", cwd=tmp_path)
         assert answer.strip() == ANSWERS[name]

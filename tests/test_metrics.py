@@ -13,9 +13,9 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from libra_tok.metrics import (
     FID_WEIGHTS_FILE,
-    CodeUsage,
     FeatureStatistics,
     FIDInception,
+    IdUsage,
     MissingWeightsError,
     ReconstructionMetrics,
     bits_per_pixel,
@@ -135,9 +135,9 @@ def test_feature_statistics_streaming_equals_numpy():
         FeatureStatistics(4).covariance()
 
 
-def test_code_usage_on_constructed_ids():
-    usage = CodeUsage(num_codebooks=2, codebook_size=512)
-    # codebook 0: codes 0..255, each exactly 4 times; codebook 1: always code 7.
+def test_id_usage_on_constructed_ids():
+    usage = IdUsage(num_codebooks=2, codebook_size=512)
+    # codebook 0: ids 0..255, each exactly 4 times; codebook 1: always id 7.
     ids0 = torch.arange(256).repeat(4).reshape(4, 256)
     ids = torch.stack([ids0, torch.full_like(ids0, 7)], dim=-1)
     usage.update(ids[:1])
@@ -151,8 +151,8 @@ def test_code_usage_on_constructed_ids():
     assert int(usage.joint_counts[3 * 512 + 7]) == 4  # joint id = id1 * 512 + id2
 
 
-def test_code_usage_skewed_distribution_and_errors():
-    usage = CodeUsage(num_codebooks=1, codebook_size=4)
+def test_id_usage_skewed_distribution_and_errors():
+    usage = IdUsage(num_codebooks=1, codebook_size=4)
     usage.update(torch.tensor([[[0], [0], [0], [1]]]))  # p = (3/4, 1/4)
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert usage.summary()["codebooks"][0]["perplexity"] == pytest.approx(math.exp(h))
@@ -270,7 +270,7 @@ def _reference_lpips(x, y, trunk, relu_indices, lin_weights):
         return out
 
     total = 0
-    for fx, fy, w in zip(feats(x), feats(y), lin_weights):
+    for fx, fy, w in zip(feats(x), feats(y), lin_weights, strict=True):
         total = total + ((fx - fy) ** 2 * w.view(1, -1, 1, 1)).sum(1).mean((1, 2))
     return total
 
@@ -286,7 +286,8 @@ def test_lpips_alex_loads_trunk_from_weights_dir(tmp_path, image_pairs):
     model = build_lpips("alex", weights_dir=tmp_path)
     x = _batch([a for a, _ in image_pairs[:3]]) * 2 - 1
     y = _batch([b for _, b in image_pairs[:3]]) * 2 - 1
-    lin = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", map_location="cpu", weights_only=True)
+    lin = torch.load(Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth", map_location="cpu",
+                     weights_only=True)
     lin_weights = [lin[f"lin{i}.model.1.weight"].flatten() for i in range(5)]
     with torch.no_grad():
         expected = _reference_lpips(x, y, trunk, {1, 4, 7, 9, 11}, lin_weights)

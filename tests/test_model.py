@@ -1,9 +1,12 @@
-"""ImageTokenizer: the encode/decode contract of DESIGN.md."""
+"""ImageTokenizer: the encode/decode contract of DESIGN.md, and its own folder format
+(save_pretrained / from_pretrained)."""
+
+import json
 
 import pytest
 import torch
 
-from libra_tok import ImageTokenizer
+from libra_tok import CheckpointError, ImageTokenizer
 
 
 def test_encode_decode_contract(tiny_tok, tiny_pixels):
@@ -75,3 +78,43 @@ def test_unreadable_image_paths_are_named(tiny_tok, asset_images, tmp_path):
 
     with Image.open(asset_images[1]) as image:
         assert torch.equal(tiny_tok.preprocess([asset_images[1]]), tiny_tok.preprocess([image.copy()]))
+
+
+# ---- our folder format: save_pretrained / from_pretrained ---------------------------------------------
+def test_save_and_load_round_trip(tiny_tok, tiny_pixels, tmp_path):
+    folder = tiny_tok.save_pretrained(tmp_path / "tok")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["format"] == "libra-tok" and meta["config"]["clip_model"] == "libra-tiny-vit"
+    loaded = ImageTokenizer.from_pretrained(folder).eval()
+    assert loaded.config == tiny_tok.config
+    for (k, a), (k2, b) in zip(tiny_tok.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    a, b = tiny_tok.encode(tiny_pixels), loaded.encode(tiny_pixels)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.features, b.features)
+    assert torch.equal(tiny_tok.decode(a.ids), loaded.decode(a.ids))
+    # Non-persistent LFQ buffers are rebuilt, not left uninitialised.
+    assert torch.equal(loaded.quantizer.lfq.codebook, tiny_tok.quantizer.lfq.codebook)
+
+
+def test_from_pretrained_explains_wrong_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        ImageTokenizer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(CheckpointError, match="not a libra-tok config"):
+        ImageTokenizer.from_pretrained(tmp_path)
+
+
+def test_garbage_or_truncated_safetensors_names_the_file(tiny_tok, tmp_path):
+    folder = tiny_tok.save_pretrained(tmp_path / "tok")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: a damaged or truncated safetensors file"):
+        ImageTokenizer.from_pretrained(folder)
+    weights.write_bytes(b"garbage" * 100)
+    with pytest.raises(CheckpointError, match=rf"cannot read {weights}: it looks like text \('garbagegarbage"):
+        ImageTokenizer.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"{folder / 'config.json'} is not valid JSON"):
+        ImageTokenizer.from_pretrained(folder)

@@ -18,13 +18,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.tok import main
+from builders import ROOT
+from libra_cli.tok import main
 from libra_tok.data import ImageRecord, list_images
-from libra_tok.pipeline import decode_shards, encode_images, load_tokenizer, reconstruct_images
+from libra_tok.pipeline import decode_shards, encode_to_shards, load_tokenizer, reconstruct_images
 from libra_tok.preprocess import to_pil
 from libra_tok.shards import open_shards
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ GOOD = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "coffee.png",
 
 
 def test_mixed_folder_encodes_good_and_lists_bad(tok, mixed_folder, tmp_path):
-    summary = encode_images([mixed_folder], tmp_path / "shards", tok, batch_size=3, shard_size=5, num_workers=0,
+    summary = encode_to_shards([mixed_folder], tmp_path / "shards", tok, batch_size=3, shard_size=5, num_workers=0,
                             max_pixels=5_000_000, progress=False, save_features=True)
     shards = open_shards(tmp_path / "shards")
     assert len(shards) == summary.samples == len(GOOD)
@@ -83,7 +82,6 @@ def test_mixed_folder_encodes_good_and_lists_bad(tok, mixed_folder, tmp_path):
 
 
 def test_captions_csv(tmp_path, asset_images):
-    from libra_tok.data import list_images
 
     for p in asset_images[:2]:
         shutil.copy(p, tmp_path / p.name)
@@ -107,7 +105,7 @@ def test_permission_denied_is_recorded(tok, tmp_path, asset_images, monkeypatch)
         return real(self)
 
     monkeypatch.setattr(ImageRecord, "read_bytes", read_bytes)
-    summary = encode_images([tmp_path], tmp_path / "out", tok, num_workers=0, progress=False)
+    summary = encode_to_shards([tmp_path], tmp_path / "out", tok, num_workers=0, progress=False)
     assert summary.samples == 1 and summary.failed[0]["reason"] == "permission denied"
 
 
@@ -130,7 +128,7 @@ def test_captions_and_tar_shards(tok, tmp_path, asset_images):
         info = tarfile.TarInfo("0002.txt")
         info.size = len(txt)
         tar.addfile(info, io.BytesIO(txt))
-    encode_images([folder, tar_path], tmp_path / "out", tok, num_workers=0, progress=False)
+    encode_to_shards([folder, tar_path], tmp_path / "out", tok, num_workers=0, progress=False)
     shards = open_shards(tmp_path / "out")
     captions = [s.meta.get("caption") for s in shards]
     assert captions == ["from a sidecar", "from jsonl", None, "tar json", "tar text"]
@@ -147,21 +145,21 @@ def test_captions_and_tar_shards(tok, tmp_path, asset_images):
 
 def test_ranks_write_disjoint_shards(tok, tmp_path, assets_dir):
     for rank in (0, 1):
-        encode_images([assets_dir], tmp_path / "split", tok, shard_size=3, rank=rank, world_size=2, num_workers=0,
+        encode_to_shards([assets_dir], tmp_path / "split", tok, shard_size=3, rank=rank, world_size=2, num_workers=0,
                       progress=False)
-    encode_images([assets_dir], tmp_path / "one", tok, shard_size=3, num_workers=0, progress=False)
+    encode_to_shards([assets_dir], tmp_path / "one", tok, shard_size=3, num_workers=0, progress=False)
     for shard in sorted((tmp_path / "one").iterdir()):
         for f in shard.iterdir():
             assert f.read_bytes() == (tmp_path / "split" / shard.name / f.name).read_bytes(), f
-    only_rank0 = encode_images([assets_dir], tmp_path / "r0", tok, shard_size=3, rank=0, world_size=2,
+    only_rank0 = encode_to_shards([assets_dir], tmp_path / "r0", tok, shard_size=3, rank=0, world_size=2,
                                num_workers=0, progress=False)
     assert only_rank0.shards_written == [0, 2]
 
 
 def test_changed_inputs_are_refused(tok, tmp_path, assets_dir, asset_images):
-    encode_images([assets_dir], tmp_path / "out", tok, shard_size=4, num_workers=0, progress=False)
+    encode_to_shards([assets_dir], tmp_path / "out", tok, shard_size=4, num_workers=0, progress=False)
     with pytest.raises(ValueError, match="another input list"):
-        encode_images(asset_images[:5], tmp_path / "out", tok, shard_size=4, num_workers=0, progress=False)
+        encode_to_shards(asset_images[:5], tmp_path / "out", tok, shard_size=4, num_workers=0, progress=False)
 
 
 def _tree(path):
@@ -175,7 +173,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, asset_images):
     for copy in range(6):  # 60 images, 15 shards of 4
         for p in asset_images:
             shutil.copy(p, data / f"{copy}_{p.name}")
-    cmd = [sys.executable, "-m", "cli.tok", "encode", str(data), "--preset", "tiny", "--device", "cpu",
+    cmd = [sys.executable, "-m", "libra_cli.tok", "encode", str(data), "--preset", "tiny", "--device", "cpu",
            "--shard-size", "4", "--batch-size", "2", "--num-workers", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], cwd=ROOT, env=env,
@@ -190,11 +188,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, asset_images):
     subprocess.run(cmd + ["--out", str(tmp_path / "killed")], cwd=ROOT, env=env, check=True, capture_output=True)
     subprocess.run(cmd + ["--out", str(tmp_path / "clean")], cwd=ROOT, env=env, check=True, capture_output=True)
     killed, clean = _tree(tmp_path / "killed"), _tree(tmp_path / "clean")
-    assert len(clean) == 15 * 3 and killed == clean  # no temporaries left, every byte equal
+    # 15 shards of manifest.json, ids.u16, meta.jsonl, meta.idx; no temporaries left, every byte equal
+    assert len(clean) == 15 * 4 and killed == clean
 
 
 def test_verify_detects_a_flipped_byte(tok, tmp_path, assets_dir):
-    encode_images([assets_dir], tmp_path / "out", tok, shard_size=5, num_workers=0, progress=False)
+    encode_to_shards([assets_dir], tmp_path / "out", tok, shard_size=5, num_workers=0, progress=False)
     runner = CliRunner()
     ok = runner.invoke(main, ["verify", str(tmp_path / "out")])
     assert ok.exit_code == 0 and "2 shards, 10 samples" in ok.output
@@ -208,7 +207,7 @@ def test_verify_detects_a_flipped_byte(tok, tmp_path, assets_dir):
 
 
 def test_decode_round_trip(tok, tmp_path, assets_dir):
-    encode_images([assets_dir], tmp_path / "out", tok, shard_size=4, num_workers=0, progress=False)
+    encode_to_shards([assets_dir], tmp_path / "out", tok, shard_size=4, num_workers=0, progress=False)
     written = decode_shards(tmp_path / "out", tmp_path / "png", tok, indices=[1, 6], progress=False)
     assert [p.name for p in written] == ["0000001_brick.png", "0000006_gravel.png"]
     shards = open_shards(tmp_path / "out")
@@ -245,7 +244,8 @@ def test_cli_encode_summary(tmp_path, mixed_folder):
 
 # ---- reruns never mix shards of different contents --------------------------------------------------
 @pytest.mark.parametrize("change, message", [
-    (dict(save_features=False), r"shard-0000[02] was written with --save-features; rerun with --save-features to resume"),
+    (dict(save_features=False),
+     r"shard-0000[02] was written with --save-features; rerun with --save-features to resume"),
     (dict(precision="bf16"), r"shard-0000[02] was written with --precision fp32 \(this run: bf16\).*rerun with "
                              r"--precision fp32"),
     (dict(max_pixels=1000), r"shard-0000[02] was written with --max-pixels 268435456 \(this run: 1000\)"),
@@ -253,25 +253,25 @@ def test_cli_encode_summary(tmp_path, mixed_folder):
 def test_rerun_that_changes_shard_contents_is_refused(tok, tmp_path, assets_dir, change, message):
     out = tmp_path / "out"
     base = dict(shard_size=3, num_workers=0, progress=False, save_features=True)
-    encode_images([assets_dir], out, tok, rank=0, world_size=2, **base)  # shards 0 and 2
+    encode_to_shards([assets_dir], out, tok, rank=0, world_size=2, **base)  # shards 0 and 2
     # Rank 1 checks the shards of rank 0 too, and a plain rerun checks its own.
     for rank, world in ((1, 2), (0, 1)):
         with pytest.raises(ValueError, match=message):
-            encode_images([assets_dir], out, tok, rank=rank, world_size=world, **{**base, **change})
+            encode_to_shards([assets_dir], out, tok, rank=rank, world_size=world, **{**base, **change})
     assert sorted(p.name for p in out.iterdir()) == ["shard-00000", "shard-00002"]  # nothing written
-    summary = encode_images([assets_dir], out, tok, rank=1, world_size=2, **base)  # the same options resume
+    summary = encode_to_shards([assets_dir], out, tok, rank=1, world_size=2, **base)  # the same options resume
     assert summary.shards_written == [1, 3] and open_shards(out).has_features
 
 
 def test_rerun_with_another_tokenizer_is_refused(tok, tmp_path, assets_dir):
-    encode_images([assets_dir], tmp_path / "out", tok, shard_size=4, rank=0, world_size=2, num_workers=0,
+    encode_to_shards([assets_dir], tmp_path / "out", tok, shard_size=4, rank=0, world_size=2, num_workers=0,
                   progress=False)
     torch.manual_seed(1)
     other = load_tokenizer(preset="tiny", device="cpu")
     other.load_state_dict({k: v + 0.01 if v.is_floating_point() else v for k, v in tok.state_dict().items()})
     with pytest.raises(ValueError, match=r"shard-00000 was written by another tokenizer \(a --preset, weights sha256 "
                                          r"[0-9a-f]{12}; this run's: [0-9a-f]{12}\); use the same --checkpoint"):
-        encode_images([assets_dir], tmp_path / "out", other, shard_size=4, rank=1, world_size=2, num_workers=0,
+        encode_to_shards([assets_dir], tmp_path / "out", other, shard_size=4, rank=1, world_size=2, num_workers=0,
                       progress=False)
 
 
@@ -324,7 +324,7 @@ def test_library_functions_check_their_arguments(tok, tmp_path, asset_images):
                             (dict(precision="fp8"), "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
                             (dict(world_size=0, rank=0), "world size must be >= 1, got 0")):
         with pytest.raises(ValueError, match=re.escape(message)):
-            encode_images(one, tmp_path / "o", tok, **kwargs)
+            encode_to_shards(one, tmp_path / "o", tok, **kwargs)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         reconstruct_images(one, tmp_path / "r", tok, batch_size=0)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
@@ -357,7 +357,8 @@ def test_decode_indices_out_of_range_is_a_one_line_error(tmp_path, asset_images)
     assert res.exit_code == 1 and res.exception is not None and "Traceback" not in res.output
     assert res.stderr.strip() == f"Error: --indices 5 is out of range: {encoded} holds 2 samples, numbered 0-1"
     assert not (tmp_path / "png").exists()  # checked before any work
-    huge = runner.invoke(main, ["decode", str(encoded), "--out", str(tmp_path / "png"), "--indices", "0-99999999999999"])
+    huge = runner.invoke(main, ["decode", str(encoded), "--out", str(tmp_path / "png"),
+                                "--indices", "0-99999999999999"])
     assert huge.exit_code == 1 and "--indices 99999999999999 is out of range" in huge.stderr
     ok = runner.invoke(main, ["decode", str(encoded), "--out", str(tmp_path / "png"), "--indices", "1, 0-0",
                               "--preset", "tiny", "--device", "cpu"])
@@ -422,7 +423,8 @@ def test_reconstruct_refuses_to_write_over_inputs(tok, tmp_path, asset_images):
                            progress=False)
     res = CliRunner().invoke(main, ["reconstruct", str(imgs), "--out", str(imgs), "--preset", "tiny", "--device", "cpu",
                                     "--num-workers", "0"])
-    assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1].startswith(f"Error: --out {imgs} is the input folder")
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines()[-1].startswith(f"Error: --out {imgs} is the input folder")
     assert _snapshot(imgs) == before
 
 
@@ -487,7 +489,8 @@ def test_encode_lists_and_counts_skipped_inputs(tok, tmp_path, asset_images):
     assert "5 images encoded" in res.output
     assert (f"5 input(s) skipped while listing, listed in {out / 'skipped_inputs.json'}: 1 dangling symlink, "
             "1 data runs past the end of the file, 1 duplicate, 1 symlink loop, 1 truncated tar") in res.output
-    summary = encode_images([data, data / asset_images[0].name], out, tok, shard_size=2, num_workers=0, progress=False)
+    summary = encode_to_shards([data, data / asset_images[0].name], out, tok, shard_size=2, num_workers=0,
+                               progress=False)
     assert summary.shards_already_done == [0, 1, 2] and summary.skipped == skipped  # a rerun reports them again
 
 
@@ -503,7 +506,7 @@ def test_encode_of_a_30000x1_png_stays_small(tmp_path, asset_images):
     # the growth of its peak RSS. Whole-process RSS alone is not a bound: how much of torch's
     # libraries a process maps depends on what else has warmed the page cache.
     script = ("import resource, sys\n"
-              "from cli.tok import main\n"
+              "from libra_cli.tok import main\n"
               "import libra_tok.pipeline, libra_tok.model\n"
               "data_kb = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmData:'))\n"
               "cap = (data_kb + 1024 * 1024) * 1024\n"

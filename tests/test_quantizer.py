@@ -4,19 +4,9 @@ import pytest
 import torch
 from vector_quantize_pytorch import LFQ
 
+from builders import official_ids
 from libra_tok.config import TokenizerConfig
 from libra_tok.quantizer import Quantizer
-
-
-def official_ids(values: torch.Tensor, bits: int = 9, groups: int = 2) -> torch.Tensor:
-    """The official LFQ, written out: value > 0 -> 1; dims [g*bits, (g+1)*bits) form id g,
-    the first dim of a group is the most significant bit."""
-    out = torch.zeros(*values.shape[:-1], groups, dtype=torch.long)
-    for g in range(groups):
-        for k in range(bits):
-            bit = (values[..., g * bits + k] > 0).long()
-            out[..., g] += bit * 2 ** (bits - 1 - k)
-    return out
 
 
 def official_codes(ids: torch.Tensor, bits: int = 9) -> torch.Tensor:

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,13 +25,14 @@ from PIL import Image
 
 import libra_tok
 import libra_tok.serve
-from cli.tok_serve import serve_command
+from builders import ROOT
+from libra_cli.tok_serve import serve_command
 from libra_tok import ImageTokenizer
 from libra_tok.client import ServerError, TokenizerClient
-from libra_tok.preprocess import load_image, to_pil
+from libra_tok.data import load_image
+from libra_tok.preprocess import to_pil
 from libra_tok.serve import Batcher, ServeConfig, ServerThread, bind
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ServeConfig(max_batch=8, max_wait_ms=20, max_body_mb=4, max_pixels=2_500_000, max_images=12)
 
 
@@ -236,7 +236,8 @@ BAD_REQUESTS = {
                     r"not valid JSON \(-Infinity is not a JSON value"),
     "NaN features": ("/encode", f'{{"image": "{GOOD_B64}", "features": NaN}}',
                      "application/json", 400, r"NaN is not a JSON value"),
-    "huge float id": ("/decode", '{"ids": [[1e999, 2]' + ", [1, 2]" * 63 + "]}", "application/json", 422, r"got floats"),
+    "huge float id": ("/decode", '{"ids": [[1e999, 2]' + ", [1, 2]" * 63 + "]}", "application/json", 422,
+                      r"got floats"),
     "string ids": ("/decode", _ids_json([["1", "2"]] * 64), "application/json", 422, r"got strings"),
     "a boolean among ids": ("/decode", _ids_json([[True, 2]] + GRID[1:]), "application/json", 422,
                             r"must be integers in \[0, 512\), got booleans"),
@@ -330,14 +331,14 @@ def test_a_failing_forward_pass_fails_only_its_request(server, client, monkeypat
 
 
 def test_a_failed_preparation_fails_only_its_request(server, client, tiny_tok, asset_images, monkeypatch):
-    real = libra_tok.serve.preprocess_image
+    real = libra_tok.serve.app.preprocess_image
 
     def short_of_memory_for_wide_images(image, *args, **kwargs):
         if image.width > 1000:
             raise MemoryError
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(libra_tok.serve, "preprocess_image", short_of_memory_for_wide_images)
+    monkeypatch.setattr(libra_tok.serve.app, "preprocess_image", short_of_memory_for_wide_images)
     wide = png_bytes(Image.new("RGB", (1200, 2), (9, 9, 9)))
     ref = tiny_tok.encode(tiny_tok.preprocess(asset_images[:3])).ids.numpy()
     with ThreadPoolExecutor(4) as pool:
@@ -350,17 +351,17 @@ def test_a_failed_preparation_fails_only_its_request(server, client, tiny_tok, a
 
 
 def test_long_json_strings_are_decoded_in_pieces_like_json_loads(monkeypatch):
-    monkeypatch.setattr(libra_tok.serve, "_PIECE", 16)
+    monkeypatch.setattr(libra_tok.serve.requests, "_PIECE", 16)
     rng = np.random.default_rng(0)
     tokens = ["a", "Z", "0", "/", "\\\\", '\\"', "\\n", "\\/", "\\u0041", "\\u007e", "\\t"]
-    for trial in range(200):
+    for _ in range(200):
         # runs of backslashes and escapes of every length land on every piece boundary
         text = "".join(rng.choice(tokens, size=int(rng.integers(0, 120)))) + "\\\\" * int(rng.integers(0, 20))
         body = b'{"s": "' + text.encode() + b'"}'
         start = body.index(b'"', 5) + 1
-        end = libra_tok.serve._closing_quote(body, start)
+        end = libra_tok.serve.requests._closing_quote(body, start)
         assert end == len(body) - 2, text
-        pieces = list(libra_tok.serve._string_pieces(body, start, end))
+        pieces = list(libra_tok.serve.requests._string_pieces(body, start, end))
         assert all(len(piece) <= 16 for piece in pieces)
         assert b"".join(pieces).decode() == json.loads(body)["s"], text
 
@@ -368,8 +369,9 @@ def test_long_json_strings_are_decoded_in_pieces_like_json_loads(monkeypatch):
 def test_big_json_images_and_features_answers_go_in_pieces(server, tiny_tok, asset_images, monkeypatch):
     """Long base64 strings are decoded a piece at a time and answers sent a piece at a time
     (pieces made tiny here): the results are those of one go."""
-    monkeypatch.setattr(libra_tok.serve, "_PIECE", 100)
-    monkeypatch.setattr(libra_tok.serve, "_B64_PIECE", 300)
+    monkeypatch.setattr(libra_tok.serve.requests, "_PIECE", 100)  # base64 strings of the request
+    monkeypatch.setattr(libra_tok.serve.answers, "_PIECE", 100)  # the answer
+    monkeypatch.setattr(libra_tok.serve.answers, "_B64_PIECE", 300)
     paths = asset_images[:4]
     ref = tiny_tok.encode(tiny_tok.preprocess(paths))
     b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
@@ -402,13 +404,13 @@ def test_max_queue_bounds_the_images_held_from_arrival_to_answer(saved_tok, tiny
     is sent, not only while they wait for the model: what the server holds per image (pixels,
     features, decoded images, answers) is bounded by max_queue images."""
     proceed = threading.Event()
-    real = libra_tok.serve.preprocess_image
+    real = libra_tok.serve.app.preprocess_image
 
     def held_up(image, *args, **kwargs):
         assert proceed.wait(30)
         return real(image, *args, **kwargs)
 
-    monkeypatch.setattr(libra_tok.serve, "preprocess_image", held_up)
+    monkeypatch.setattr(libra_tok.serve.app, "preprocess_image", held_up)
     config = ServeConfig(max_wait_ms=0, max_queue=3)
     with ServerThread(ImageTokenizer.from_pretrained(saved_tok), config) as running:
         client = TokenizerClient(running.url, timeout=30)
@@ -708,7 +710,7 @@ def test_cli_needs_exactly_one_tokenizer(args):
 
 @pytest.mark.slow  # a fresh interpreter importing torch: 5 s here, more on a busy machine
 def test_cli_serves_a_checkpoint_until_interrupted(saved_tok, tiny_tok, asset_images):
-    cmd = [sys.executable, "-m", "cli.tok_serve", "--checkpoint", str(saved_tok), "--port", "0",
+    cmd = [sys.executable, "-m", "libra_cli.tok_serve", "--checkpoint", str(saved_tok), "--port", "0",
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from builders import ROOT, MarkerPayload, Opaque, cli_error, free_port, hf_tiny_clip, hf_vision_state, point_latest_at
 from libra_tok import ImageTokenizer
-from libra_tok.train import KeyedBatches, Dist, TrainConfig, TrainingDiverged, lr_lambda, train
-
-ROOT = Path(__file__).resolve().parents[1]
+from libra_tok.run import TrainingDiverged
+from libra_tok.train import TrainConfig, train
 
 
 def small_config(tmp_path, **kw):
@@ -45,11 +44,23 @@ def test_reconstruction_loss_falls(tmp_path):
     assert (Path(cfg.out_dir) / "samples" / "step-00000030.png").is_file()
 
 
+def test_a_run_draws_its_loss_curves_and_logs_to_tensorboard(tmp_path):
+    result = train(small_config(tmp_path, steps=2), progress=False)
+    assert result.plot == Path(result.out_dir) / "loss.png"
+    with Image.open(result.plot) as im:
+        assert im.format == "PNG" and im.info["Software"].startswith("Matplotlib")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return
+    assert any((Path(result.out_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_clip_never_changes(tmp_path):
     result = train(small_config(tmp_path, steps=3, disc_start=1), progress=False)
     init = ImageTokenizer.from_pretrained(Path(result.out_dir) / "init_tokenizer")
     final = ImageTokenizer.from_pretrained(result.final_tokenizer)
-    for (k, a), (_, b) in zip(init.state_dict().items(), final.state_dict().items()):
+    for (k, a), (_, b) in zip(init.state_dict().items(), final.state_dict().items(), strict=True):
         if k.startswith("encoder."):
             assert torch.equal(a, b), k
     assert not torch.equal(init.decoder.conv_out.weight, final.decoder.conv_out.weight)
@@ -76,24 +87,6 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert torch.equal(ca["disc"][k], cb["disc"][k]), k
     for k in ca["trainable"]:
         assert torch.equal(ca["trainable"][k], cb["trainable"][k]), k
-
-
-def test_keyed_batches_are_deterministic_and_split_by_rank():
-    one = KeyedBatches(10, 4, seed=3, d=Dist())
-    r0 = KeyedBatches(10, 2, seed=3, d=Dist(rank=0, world=2))
-    r1 = KeyedBatches(10, 2, seed=3, d=Dist(rank=1, world=2))
-    for b in range(6):  # crosses epoch boundaries (10 images, 4 per step)
-        assert one.batch(b) == r0.batch(b) + r1.batch(b)
-    epoch0 = [k[0] for b in range(2) for k in one.batch(b)] + [k[0] for k in one.batch(2)[:2]]
-    assert sorted(epoch0) == list(range(10))  # each epoch is a permutation
-    assert KeyedBatches(10, 4, seed=3, d=Dist(), start=4).batch(4) == one.batch(4)
-
-
-def test_lr_schedule():
-    assert lr_lambda(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_lambda(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_lambda(55, 10, 100, 0.1) == pytest.approx(0.55)  # cosine midpoint
-    assert lr_lambda(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
 def test_empty_or_unreadable_data_fails_before_model(tmp_path):
@@ -133,7 +126,7 @@ def test_non_finite_loss_names_step_and_checkpoint(tmp_path):
 
 
 def test_cli_config_file_and_overrides(tmp_path):
-    from cli.tok import main
+    from libra_cli.tok import main
 
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text(f"steps: 2\nbatch_size: 2\nperceptual_weight: 0\ndisc_start: -1\nnum_workers: 0\n"
@@ -153,12 +146,6 @@ def test_cli_config_file_and_overrides(tmp_path):
     assert res.exit_code == 2 and "x" in res.output
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process(tmp_path):
     """2 gloo processes x 2 images give the same update as 1 process x 4 images (same samples,
@@ -168,11 +155,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
               "--no-flip", "--cache-images", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "cli.tok", "train", str(ROOT / "assets"),
+                          f"--master_port={free_port()}", "-m", "libra_cli.tok", "train", str(ROOT / "assets"),
                           "--out-dir", str(tmp_path / "ddp"), "--batch-size", "2", *common],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert ddp.returncode == 0, ddp.stdout + ddp.stderr
-    single = subprocess.run([sys.executable, "-m", "cli.tok", "train", str(ROOT / "assets"), "--out-dir",
+    single = subprocess.run([sys.executable, "-m", "libra_cli.tok", "train", str(ROOT / "assets"), "--out-dir",
                              str(tmp_path / "one"), "--batch-size", "4", *common],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout + single.stderr
@@ -200,29 +187,6 @@ def test_missing_lpips_weights_fail_before_any_model(tmp_path):
 
 
 # ---- run folders: checkpoints, metrics, options -----------------------------------------------------
-class MarkerPayload:
-    """Pickles to a call of open(marker, "w"): loading the file with a full unpickler creates the marker."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def cli_error(res) -> str:
-    """The one `Error: ...` line of a failed command (and no traceback)."""
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output, res.output
-    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
-    assert len(errors) == 1, res.output
-    return errors[0]
-
-
-def point_latest_at(out_dir, step):
-    (Path(out_dir) / "checkpoints" / "latest.json").write_text(json.dumps({"file": f"step-{step:08d}.pt", "step": step}))
-
-
 def test_checkpoints_load_without_unpickling_objects(tmp_path):
     """Checkpoints hold tensors and plain values only (weights_only=True loads them), and the
     RNG states round trip."""
@@ -230,7 +194,7 @@ def test_checkpoints_load_without_unpickling_objects(tmp_path):
 
     import numpy as np
 
-    from libra_tok.train import rng_state, set_rng_state
+    from libra_tok.run import rng_state, set_rng_state
 
     result = train(small_config(tmp_path, steps=2, disc_start=1, save_every=2), progress=False)
     state = torch.load(Path(result.out_dir) / "checkpoints" / "step-00000002.pt", weights_only=True)
@@ -252,7 +216,7 @@ def test_checkpoints_load_without_unpickling_objects(tmp_path):
 def test_resume_refuses_a_pickled_payload(tmp_path):
     """A checkpoint that asks the unpickler to call a function is refused with one line naming
     the file; the function never runs."""
-    from cli.tok import main
+    from libra_cli.tok import main
 
     cfg = small_config(tmp_path, steps=4, save_every=2)
     train(cfg, progress=False, stop_at=2)
@@ -271,7 +235,7 @@ def test_resume_refuses_a_pickled_payload(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_damaged_checkpoint_names_the_intact_one(tmp_path, caplog, damage):
-    from cli.tok import main
+    from libra_cli.tok import main
 
     cfg = small_config(tmp_path, steps=6, save_every=2)
     train(cfg, progress=False, stop_at=4)
@@ -289,14 +253,14 @@ def test_damaged_checkpoint_names_the_intact_one(tmp_path, caplog, damage):
                      "continue that run or choose another --out-dir")
     # The fix the message offers: latest.json now names a missing file, the newest intact one is used.
     last.unlink()
-    with caplog.at_level("WARNING", logger="libra_tok.train"):
+    with caplog.at_level("WARNING", logger="libra_tok.run"):
         result = train(cfg, resume=True, progress=False)
     assert result.step == 6
     assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text
 
 
 def test_damaged_checkpoint_without_an_intact_one(tmp_path):
-    from cli.tok import main
+    from libra_cli.tok import main
 
     cfg = small_config(tmp_path, steps=4, save_every=2)
     train(cfg, progress=False, stop_at=2)
@@ -310,7 +274,7 @@ def test_damaged_checkpoint_without_an_intact_one(tmp_path):
 def test_resume_drops_repeated_and_partial_metric_rows(tmp_path):
     """A run killed after step 5 (last checkpoint at 4, a half-written metrics line) resumes
     with exactly one row per step, the rows of an uninterrupted run."""
-    from libra_tok.train import read_metrics
+    from libra_tok.run import read_metrics
 
     kw = dict(steps=6, save_every=2, disc_start=2)
     full = train(small_config(tmp_path / "a", **kw), progress=False)
@@ -358,7 +322,7 @@ def test_resume_from_a_checkpoint_with_numpy_rng_state(tmp_path):
 def test_trust_pickle_reaches_the_loader_and_is_not_saved(tmp_path, monkeypatch):
     """--trust-pickle is passed to the loader of --init-from, and a resumed run does not
     inherit it from the saved options."""
-    from cli.tok import main
+    from libra_cli.tok import main
 
     assert TrainConfig().trust_pickle is False
     calls = []
@@ -414,15 +378,10 @@ def test_inputs_skipped_while_listing_are_counted_and_listed(tmp_path):
     assert rows[-1]["skipped_images"] == 2
 
 
-class Opaque:  # an object a weights-only unpickler refuses
-    pass
-
-
 def test_trust_pickle_reaches_the_clip_weights_loader(tmp_path):
     """--clip-weights naming a pickle with a Python object trains only with --trust-pickle."""
     pytest.importorskip("transformers")
-    from cli.tok import main
-    from test_encoder import hf_tiny_clip, hf_vision_state
+    from libra_cli.tok import main
 
     clip = tmp_path / "clip.ckpt"
     torch.save({"state_dict": {"vision_model." + k: v for k, v in hf_vision_state(hf_tiny_clip()).items()},

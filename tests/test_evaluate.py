@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from cli.tok_eval import eval_command
+from libra_cli.tok_eval import eval_command
 from libra_tok.evaluate import EvalOptions, MetricModels, evaluate_folders, evaluate_tokenizer
 from libra_tok.metrics import FIDInception, build_lpips
 from libra_tok.preprocess import to_pil
@@ -48,7 +48,8 @@ def folder_pair(tmp_path, asset_images):
         (orig / rel).parent.mkdir(parents=True, exist_ok=True)
         (recon / rel).parent.mkdir(parents=True, exist_ok=True)
         square.save(orig / f"{rel}.png")
-        noisy = np.clip(np.asarray(square, dtype=np.float64) + rng.normal(0, 10, (64, 64, 3)), 0, 255).round().astype(np.uint8)
+        noise = rng.normal(0, 10, (64, 64, 3))
+        noisy = np.clip(np.asarray(square, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
         Image.fromarray(noisy).save(recon / f"{rel}.png")
         arrays[rel] = (np.asarray(square), noisy)
     (orig / "broken.png").write_bytes(b"\x89PNG not really")
@@ -122,15 +123,15 @@ def test_tokenizer_mode_with_tiny_preset(tiny_tok, asset_images, small_models, t
     s = result.summary
     assert s["mode"] == "tokenizer" and s["num_images"] == 4 and s["num_failed"] == 0
     assert [r["name"] for r in result.rows] == [str(p) for p in images]
-    # Code usage equals the histogram of the ids the tokenizer gives for the same pixels.
+    # Id usage equals the histogram of the ids the tokenizer gives for the same pixels.
     ids = tiny_tok.encode(tiny_tok.preprocess(images)).ids
-    for j, cb in enumerate(s["codes"]["codebooks"]):
+    for j, cb in enumerate(s["id_usage"]["codebooks"]):
         counts = torch.bincount(ids[..., j].flatten(), minlength=512)
         p = counts[counts > 0].double() / counts.sum()
         assert cb["used"] == int((counts > 0).sum())
         assert cb["perplexity"] == pytest.approx(math.exp(float(-(p * p.log()).sum())))
     assert s["bits_per_pixel"] == pytest.approx(64 * 18 / 112**2)
-    entropy = sum(cb["entropy_bits"] for cb in s["codes"]["codebooks"])
+    entropy = sum(cb["entropy_bits"] for cb in s["id_usage"]["codebooks"])
     assert s["bits_per_pixel_entropy"] == pytest.approx(64 * entropy / 112**2)
     assert s["bits_per_pixel_entropy"] < s["bits_per_pixel"]
 
@@ -140,10 +141,11 @@ def test_tokenizer_mode_with_tiny_preset(tiny_tok, asset_images, small_models, t
     orig.mkdir()
     recon.mkdir()
     decoded = tiny_tok.decode(ids)
-    for path, image in zip(images, decoded):
+    for path, image in zip(images, decoded, strict=True):
         shutil.copy(path, orig / path.name)
         to_pil(image).save(recon / f"{path.stem}.png")
-    folders = evaluate_folders(orig, recon, EvalOptions(resolution=112, also=(64,), pad_mode="pad", **QUIET), small_models)
+    options = EvalOptions(resolution=112, also=(64,), pad_mode="pad", **QUIET)
+    folders = evaluate_folders(orig, recon, options, small_models)
     by_name = {r["name"].rsplit("/", 1)[1]: r for r in folders.rows}
     for row in result.rows:
         other = by_name[row["name"].rsplit("/", 1)[1]]

@@ -5,34 +5,25 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import libra_lm.kernels as kernels
+from builders import ROOT
 from libra_lm.kernels import build, ops
 from libra_lm.kernels.partition import make_plan, segment_first_position
 from libra_lm.kernels.reference import tiled_backward, tiled_forward
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """The tile loops run thousands of tiny ops: one intra-op thread is many times faster
-    than two that must synchronise after each (and than two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The tile loops run thousands of tiny ops: one intra-op thread (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- oracle
 
 def oracle(q, k, v, k_x, v_x, is_vision, segment_ids=None):
-    """The official two-view math (reference §2.5), dense: both score matrices, rows picked by
-    query modality, one softmax per query. Returns (out, lse)."""
+    """The official two-view math (`attn_with_bridge`, libra/models/libra/modeling_libra.py), dense:
+    both score matrices, rows picked by query modality, one softmax per query. Returns (out, lse)."""
     n, d = q.shape[-2:]
     same = (is_vision[:, :, None] == is_vision[:, None, :])[:, None]  # (B, 1, N, N)
     scores = torch.where(same, q @ k.transpose(-1, -2), q @ k_x.transpose(-1, -2)) / math.sqrt(d)
@@ -159,7 +150,7 @@ def test_tiled_backward_matches_oracle_gradients(layout, blocks):
     expected = torch.autograd.grad((ref_out * grad_out).sum() + (ref_lse * grad_lse).sum(), inputs)
     got = tiled_backward(grad_out, *(t.detach() for t in inputs), is_vision, segment_ids, ref_out.detach(),
                          ref_lse.detach(), grad_lse, block_m=blocks[0], block_n=blocks[1])
-    for name, g, e in zip(("dq", "dk", "dv", "dk_x", "dv_x"), got, expected):
+    for name, g, e in zip(("dq", "dk", "dv", "dk_x", "dv_x"), got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10, msg=name)
 
 
@@ -177,7 +168,7 @@ def test_tiled_reference_at_kernel_tile_sizes_in_bf16():
     grad_out = torch.randn(ref_out.shape, generator=gen).to(torch.bfloat16)
     expected = torch.autograd.grad((ref_out * grad_out.double()).sum(), ref)
     got = tiled_backward(grad_out, *inputs, is_vision, segment_ids, out, lse)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
         assert rel_err(g, e) < 2e-2
 
@@ -229,7 +220,7 @@ def test_op_matches_oracle_forward_and_backward_cpu():
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad((out * grad_out).sum(), inputs)
     expected = torch.autograd.grad((ref_out * grad_out).sum(), inputs)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
 
 
@@ -256,11 +247,11 @@ def test_op_under_compile_and_checkpoint_cpu():
     expected = torch.autograd.grad(loss_fn(*inputs), inputs)
     compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
     got = torch.autograd.grad(compiled(*inputs), inputs)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
     checkpointed = torch.utils.checkpoint.checkpoint(loss_fn, *inputs, use_reentrant=False)
     got = torch.autograd.grad(checkpointed, inputs)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e)
 
 
@@ -404,7 +395,7 @@ def assert_matches_oracle(attention, inputs, is_vision, segment_ids, out_tol=1e-
     ref_out, _ = oracle(*ref, is_vision, segment_ids)
     ref_grads = torch.autograd.grad(ref_out, ref, grad_out.double())
     assert rel_err(out, ref_out) < out_tol
-    for g, e in zip(grads, ref_grads):
+    for g, e in zip(grads, ref_grads, strict=True):
         assert rel_err(g, e) < grad_tol
 
 
@@ -442,7 +433,7 @@ def test_cuda_forward_and_backward_match_oracle(layout, dtype, d):
     tol_max = 2e-2 if dtype == torch.bfloat16 else 4e-3
     assert rel_err(out, ref_out) < tol_out and max_err(out, ref_out) < tol_max
     assert (lse - ref_lse).abs().max() < 1e-3
-    for name, g, e in zip(("dq", "dk", "dv", "dk_x", "dv_x"), grads, ref_grads):
+    for name, g, e in zip(("dq", "dk", "dv", "dk_x", "dv_x"), grads, ref_grads, strict=True):
         assert torch.isfinite(g).all(), name
         assert rel_err(g, e) < tol_grad and max_err(g, e) < tol_max, name
     # As accurate as the algorithm it implements (the reference, same tiles and roundings).
@@ -451,7 +442,7 @@ def test_cuda_forward_and_backward_match_oracle(layout, dtype, d):
         t_grads = tiled_backward(grad_out, *(t.detach() for t in inputs), is_vision, segment_ids, t_out, t_lse,
                                  grad_lse)
     assert rel_err(out, ref_out) <= 1.5 * rel_err(t_out, ref_out) + 1e-4
-    for g, tg, e in zip(grads, t_grads, ref_grads):
+    for g, tg, e in zip(grads, t_grads, ref_grads, strict=True):
         assert rel_err(g, e) <= 1.5 * rel_err(tg, e) + 1e-4
 
 
@@ -478,7 +469,7 @@ def test_cuda_opcheck_compile_and_checkpoint():
     expected = torch.autograd.grad(loss_fn(*inputs), inputs)
     got = torch.autograd.grad(torch.compile(loss_fn, fullgraph=True)(*inputs), inputs)
     got_ckpt = torch.autograd.grad(torch.utils.checkpoint.checkpoint(loss_fn, *inputs, use_reentrant=False), inputs)
-    for g, c, e in zip(got, got_ckpt, expected):
+    for g, c, e in zip(got, got_ckpt, expected, strict=True):
         assert rel_err(g, e) < 1e-2 and rel_err(c, e) < 1e-2
 
 
