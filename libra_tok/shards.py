@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from .fileio import current_umask
+
 log = logging.getLogger("libra_tok.shards")
 
 SHARD_FORMAT = "libra-shards"
@@ -325,9 +327,7 @@ class ShardWriter:
         self.index = index
         self.final = self.root / shard_name(index)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{shard_name(index)}.", suffix=".tmp", dir=self.root))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; shards are ordinary folders
+        os.chmod(self.tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; shards are ordinary folders
         self.tokens, self.codebooks, self.feature_dim = tokens, codebooks, feature_dim
         self._ids = open(self.tmp / IDS_FILE, "wb")
         self._meta = open(self.tmp / META_FILE, "wb")
