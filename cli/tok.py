@@ -10,6 +10,7 @@ import click
 from libra_tok.train import TrainConfig
 
 from .common import dataclass_options, fail_on_errors, run_file_options, run_options
+from .hub import MODEL_HELP, ModelRef, offline_option, tok_push_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -61,9 +62,10 @@ def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, see
 @click.argument("data", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @run_file_options
 @click.option("--clip-weights", default=None, help="CLIP weights for a fresh tokenizer: an open_clip tag (openai), "
-              "a weights file (open_clip or HF CLIP) or an HF CLIP folder; same as "
-              "--tokenizer '{clip_pretrained: ...}'.")
+              "a weights file (open_clip or HF CLIP), an HF CLIP folder or its Hub id "
+              "(openai/clip-vit-large-patch14-336); same as --tokenizer '{clip_pretrained: ...}'.")
 @dataclass_options(TrainConfig, skip=("data",))
+@offline_option
 @fail_on_errors
 def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, clip_weights: str | None,
                   **options) -> None:
@@ -90,18 +92,20 @@ _trust_pickle = click.option("--trust-pickle", is_flag=True, help="Allow Python 
 
 
 @main.command("convert-official")
-@click.argument("ckpt", type=click.Path(exists=True, path_type=Path))
+@click.argument("ckpt", type=ModelRef())
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", default=None, help="Config preset of the checkpoint's dimensions (default: the "
               "vision_tokenizer_config.yaml beside the checkpoint, else libra-l336).")
 @click.option("--clip", "clip_model", default=None, help="The CLIP architecture: an open_clip model name, an HF CLIP "
-              "folder (its config.json) or a weights file (its tensor shapes). Default: the CLIP folder the yaml's "
-              "encoder_name names beside the checkpoint, else the checkpoint's tensor shapes. The CLIP weights "
+              "folder or Hub id (its config.json) or a weights file (its tensor shapes). Default: the CLIP folder the "
+              "yaml's encoder_name names beside the checkpoint, else the checkpoint's tensor shapes. The CLIP weights "
               "always come from the checkpoint.")
 @_trust_pickle
+@offline_option
 @fail_on_errors
 def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: str | None, trust_pickle: bool) -> None:
-    """Convert the official Libra tokenizer (CKPT: vqgan.ckpt or its folder) to OUT_DIR.
+    """Convert the official Libra tokenizer (CKPT: vqgan.ckpt, its folder or a Hub id such as
+    YifanXu/libra-vision-tokenizer) to OUT_DIR.
 
     Every tensor of the official file is mapped (HF CLIP names to open_clip, q/k/v fused,
     training-only loss.* dropped) and its shape checked; the result loads with
@@ -118,13 +122,14 @@ def convert_official(ckpt: Path, out_dir: Path, preset: str | None, clip_model: 
 
 
 def _tokenizer_options(fn):
+    fn = offline_option(fn)
     fn = _trust_pickle(fn)
     fn = click.option("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available).")(fn)
     fn = click.option("--preset", default=None, help="Use a preset with fresh weights instead of a checkpoint "
                       "(tests and smoke runs only: the ids mean nothing).")(fn)
-    fn = click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
-                      help="Tokenizer: a folder written by `libra-tok train`/`convert-official`, or the official "
-                      "vqgan.ckpt.")(fn)
+    fn = click.option("--checkpoint", type=ModelRef(), default=None,
+                      help="Tokenizer: a folder written by `libra-tok train`/`convert-official`, the official "
+                      f"vqgan.ckpt or its folder; {MODEL_HELP}.")(fn)
     return fn
 
 
@@ -166,11 +171,12 @@ def encode(inputs, out_dir, checkpoint, preset, device, trust_pickle, save_featu
     reason and counted in the summary; they never stop the run.
     """
     from libra_tok.fileio import check_output_folder
+    from libra_tok.hub import pinned
     from libra_tok.pipeline import encode_to_shards, load_tokenizer
 
     check_output_folder(out_dir)  # before the tokenizer is loaded
     tok = load_tokenizer(checkpoint, preset, device, trust_pickle=trust_pickle)
-    summary = encode_to_shards(inputs, out_dir, tok, tokenizer_source=str(checkpoint.resolve()) if checkpoint else None,
+    summary = encode_to_shards(inputs, out_dir, tok, tokenizer_source=pinned(checkpoint) if checkpoint else None,
                                batch_size=batch_size, shard_size=shard_size, num_shards=num_shards,
                                save_features=save_features, rank=rank, world_size=world_size,
                                num_workers=num_workers, precision=precision, max_pixels=max_pixels)
@@ -296,11 +302,12 @@ def verify(shard_dir) -> None:
 
 
 @main.command("info")
-@click.argument("tokenizer", type=click.Path(exists=True, path_type=Path))
+@click.argument("tokenizer", type=ModelRef())
 @_trust_pickle
+@offline_option
 @fail_on_errors
 def info(tokenizer: Path, trust_pickle: bool) -> None:
-    """Print a tokenizer's configuration and parameter counts."""
+    """Print a tokenizer's configuration and parameter counts (TOKENIZER: a folder, vqgan.ckpt or Hub id)."""
     from libra_tok import ImageTokenizer
 
     tok = ImageTokenizer.from_pretrained(tokenizer, trust_pickle=trust_pickle)
@@ -320,6 +327,7 @@ from .tok_serve import serve_command  # noqa: E402
 
 main.add_command(eval_command)
 main.add_command(serve_command)
+main.add_command(tok_push_command)
 
 if __name__ == "__main__":
     main()

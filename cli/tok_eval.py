@@ -7,16 +7,17 @@ from pathlib import Path
 import click
 
 from .common import fail_on_errors
+from .hub import MODEL_HELP, ModelRef, offline_option
 
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # libra_tok.precision.PRECISIONS
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--checkpoint", "-c", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Tokenizer to evaluate (a save_pretrained folder or the official vqgan.ckpt); INPUTS are then "
-                   "image folders, files, .txt/.lst lists or tar shards. Without it, INPUTS are two folders: "
-                   "ORIGINALS RECONSTRUCTIONS.")
+@click.option("--checkpoint", "-c", type=ModelRef(), default=None,
+              help=f"Tokenizer to evaluate (a save_pretrained folder or the official vqgan.ckpt; {MODEL_HELP}); "
+                   "INPUTS are then image folders, files, .txt/.lst lists or tar shards. Without it, INPUTS are two "
+                   "folders: ORIGINALS RECONSTRUCTIONS.")
 @click.option("--resolution", type=click.IntRange(min=11), default=None,
               help="Evaluation resolution in pixels. With --checkpoint it must be the tokenizer's (the default); "
                    "for two folders both sides are brought to it (default 336).")
@@ -53,6 +54,7 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")  # libra_tok.precision.PREC
               help="Allow Python objects in an official .ckpt pickle (unpickling can run code: only for files "
               "you trust).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@offline_option
 @fail_on_errors
 def eval_command(inputs: tuple[Path, ...], checkpoint: Path | None, resolution: int | None, also: tuple[int, ...],
                  pad_mode: str | None, max_images: int | None, batch_size: int, num_workers: int, device: str | None,

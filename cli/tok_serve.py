@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .common import fail_on_errors
+from .hub import MODEL_HELP, ModelRef, offline_option
 
 # Defaults of libra_tok.serve.ServeConfig (kept here so --help does not import torch; a test
 # checks that they agree).
@@ -34,9 +35,9 @@ def _device(name: str) -> str:
 
 
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path), default=None,
+@click.option("--checkpoint", type=ModelRef(), default=None,
               help="Tokenizer to serve: a folder written by save_pretrained (config.json + model.safetensors), "
-                   "an official Libra vqgan.ckpt or its folder.")
+                   f"an official Libra vqgan.ckpt or its folder; {MODEL_HELP}.")
 @click.option("--preset", default=None,
               help="Serve a freshly initialised tokenizer of this preset instead of --checkpoint (random "
                    "quantizer and decoder, so ids and images mean nothing: for trying the service and for "
@@ -80,6 +81,7 @@ def _device(name: str) -> str:
                    "run code: only for files you trust).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True, help="Server log level; debug also logs every request.")
+@offline_option
 @fail_on_errors
 def serve_command(checkpoint: Path | None, preset: str | None, host: str, port: int, device: str, precision: str,
                   max_batch: int, max_wait_ms: float, max_body_mb: float, max_pixels: int, max_images: int,

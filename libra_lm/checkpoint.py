@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from libra_tok.fileio import atomic_save_safetensors, atomic_write_json
+from libra_tok.hub import CONFIG, LM, LM_IMAGE_TOKENIZER, resolve
 from libra_tok.weight_files import CheckpointError, key_problems, read_state_dict, sample_keys
 
 from .config import LibraConfig
@@ -222,9 +223,10 @@ def load_pretrained(
     trust_pickle: bool = False,
     **config_overrides: Any,
 ) -> nn.Module:
-    """Build the model of a folder (ours, official Libra or HF LLaMA) as `model_class(config)`
-    and load its weights (`LibraForCausalLM.from_pretrained` is the way in)."""
-    folder = Path(path).expanduser()
+    """Build the model of a folder (ours, official Libra or HF LLaMA; or its Hugging Face Hub
+    id, libra_tok.hub) as `model_class(config)` and load its weights
+    (`LibraForCausalLM.from_pretrained` is the way in)."""
+    folder = resolve(path, LM)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     meta = read_config_json(folder)
@@ -324,7 +326,7 @@ def save_pretrained(model: nn.Module, path: str | Path, *, image_tokenizer: dict
 def recorded_image_tokenizer(path: str | Path) -> dict[str, Any] | None:
     """The image-tokenizer identity a libra-lm folder records (see save_pretrained), or None
     (official and HF LLaMA folders, and folders saved without one)."""
-    folder = Path(path).expanduser()
+    folder = resolve(path, CONFIG)
     meta = read_config_json(folder)
     if detect_format(meta, folder) != "ours":
         return None
@@ -352,7 +354,7 @@ def image_tokenizer_for(
     from libra_tok import ImageTokenizer, load_official
     from libra_tok.pipeline import load_tokenizer_matching
 
-    folder = Path(path).expanduser()
+    folder = resolve(path, LM_IMAGE_TOKENIZER)  # a folder or a Hub id (libra_tok.hub)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     meta = read_config_json(folder)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import TokenizerConfig
+from .hub import OFFICIAL_TOKENIZER, resolve
 from .model import ImageTokenizer
 from .official import read_official
 
@@ -23,7 +24,8 @@ def load_official(
     *,
     trust_pickle: bool = False,
 ) -> ImageTokenizer:
-    """Load the official Libra tokenizer (`vqgan.ckpt`, or its folder) as an ImageTokenizer.
+    """Load the official Libra tokenizer (`vqgan.ckpt`, or its folder, or a Hub id such as
+    `YifanXu/libra-vision-tokenizer`: libra_tok.hub) as an ImageTokenizer.
 
     config: a TokenizerConfig or preset name; default: the folder's
         vision_tokenizer_config.yaml if present, else the `libra-l336` preset.
@@ -33,7 +35,7 @@ def load_official(
         shapes. The CLIP weights always come from vqgan.ckpt, as in the official loader.
     trust_pickle: allow non-tensor objects in the pickle (only for files you trust).
     """
-    official = read_official(path, clip, config, trust_pickle=trust_pickle)
+    official = read_official(resolve(path, OFFICIAL_TOKENIZER), clip, config, trust_pickle=trust_pickle)
     return ImageTokenizer.from_state(official.config, official.state, official.source, official.hint)
 
 

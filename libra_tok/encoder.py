@@ -11,13 +11,12 @@ LayerNorm/projection: ~8 % less compute than a full forward).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from .config import TokenizerConfig
 from .conversions import clip_state_dict_to_open_clip
+from .hub import CLIP_WEIGHTS, resolve
 from .weight_files import read_state_dict, weights_in_folder
 
 
@@ -36,10 +35,11 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
     Accepted sources: an open_clip pretrained tag (e.g. "openai"; open_clip fetches or reads
     its cache), a state-dict file (open_clip full model or visual tower, HF CLIPModel or
     CLIPVisionModel, or an official Libra vqgan.ckpt) as .safetensors/.bin/.pt/.ckpt, or an
-    HF CLIP folder holding model.safetensors or pytorch_model.bin. trust_pickle: allow Python
-    objects besides tensors in a pickled file (only for files you trust).
+    HF CLIP folder holding model.safetensors or pytorch_model.bin, or its Hub id (e.g.
+    openai/clip-vit-large-patch14-336; libra_tok.hub). trust_pickle: allow Python objects
+    besides tensors in a pickled file (only for files you trust).
     """
-    path = Path(source).expanduser()
+    path = resolve(source, CLIP_WEIGHTS)
     if path.is_dir():
         weights = weights_in_folder(path)
         if weights is not None:
@@ -63,8 +63,8 @@ def pretrained_clip_state_dict(clip_model: str, source: str, quick_gelu: bool = 
             f"could not load CLIP weights {clip_model!r} pretrained={source!r}: {exc}\n"
             f"Without network access, download the weights once elsewhere and pass the file "
             f"or folder instead of the tag, e.g. open_clip's 'open_clip_pytorch_model.bin' for "
-            f"{clip_model}/{source} or the HF folder 'openai/clip-vit-large-patch14-336' "
-            f"(TokenizerConfig.clip_pretrained; CLI: libra-tok train --clip-weights PATH)."
+            f"{clip_model}/{source} or the HF folder 'openai/clip-vit-large-patch14-336' (or that Hub id, from "
+            f"the Hub cache) (TokenizerConfig.clip_pretrained; CLI: libra-tok train --clip-weights PATH|ID)."
         ) from exc
     return model.visual.state_dict()
 

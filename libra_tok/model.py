@@ -25,6 +25,7 @@ from .data import load_image
 from .decoder import Decoder
 from .encoder import ClipFeatureEncoder
 from .fileio import atomic_save_safetensors, atomic_write_json
+from .hub import IMAGE_TOKENIZER, resolve
 from .official import read_official
 from .precision import autocast_for
 from .preprocess import clip_to_signed, preprocess_images
@@ -150,9 +151,10 @@ class ImageTokenizer(nn.Module):
     ) -> "ImageTokenizer":
         """Load a folder written by `save_pretrained`, or an official Libra `vqgan.ckpt`
         (the file or a folder holding it, an official Libra LM folder included; see
-        `libra_tok.checkpoint.load_official`). trust_pickle: allow Python objects besides
+        `libra_tok.checkpoint.load_official`), or any of them by Hugging Face Hub id
+        (`org/name[@revision]`, libra_tok.hub). trust_pickle: allow Python objects besides
         tensors in a .ckpt pickle (only for files you trust)."""
-        path = Path(path).expanduser()
+        path = resolve(path, IMAGE_TOKENIZER)
         official = None
         if (path / CONFIG_FILE).is_file():
             meta = _read_config(path / CONFIG_FILE)
@@ -195,8 +197,11 @@ class ImageTokenizer(nn.Module):
             raise FileNotFoundError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
         return cls.from_state(TokenizerConfig.from_dict(meta["config"]), read_state_dict(weights), str(weights))
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` (CLIP included: the folder stands alone)."""
+    def save_pretrained(self, path: str | Path, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_options) -> Path:
+        """Write `config.json` + `model.safetensors` (CLIP included: the folder stands alone);
+        push_to_hub: then upload the folder with a model card to the Hub repo `repo_id`
+        (libra_tok.hub_push.push_to_hub, which takes `push_options`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(self.state_dict(), path / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -209,6 +214,10 @@ class ImageTokenizer(nn.Module):
                 "config": self.config.to_dict(),
             },
         )
+        if push_to_hub:
+            from .hub_push import push_to_hub as push
+
+            push(path, repo_id, expect="tokenizer", **push_options)
         return path
 
     # ---- shapes and parameters -------------------------------------------------------------

@@ -31,6 +31,7 @@ from .conversions import (
     is_official_state,
     official_to_ours,
 )
+from .hub import CLIP_ARCHITECTURE, label_for, resolve
 from .weight_files import CheckpointError, read_state_dict, sample_keys, weights_in_folder
 
 log = logging.getLogger("libra_tok.official")
@@ -106,18 +107,19 @@ def _clip_from_shapes(tower: dict[str, torch.Tensor], label: str, source: str, q
 
 def clip_from_argument(clip: str | Path, quick_gelu: bool = True, *, trust_pickle: bool = False) -> dict[str, Any]:
     """TokenizerConfig CLIP fields from what a user gave as `clip`: an open_clip model name, an HF
-    CLIP folder (its config.json; without one, the shapes of its weights), or a weights file
-    (the shapes of its CLIP tensors; `quick_gelu` is then assumed, as shapes cannot tell)."""
-    path = Path(clip).expanduser()
+    CLIP folder (its config.json; without one, the shapes of its weights) or its Hub id
+    (libra_tok.hub), or a weights file (the shapes of its CLIP tensors; `quick_gelu` is then
+    assumed, as shapes cannot tell)."""
+    path = resolve(clip, CLIP_ARCHITECTURE)
     label = path.stem  # a weights file is labelled by its name, a folder's by the folder's
     if path.is_dir():
         if (path / "config.json").is_file():
-            return clip_fields_from_hf_config(_read_hf_config(path), path.name, str(path / "config.json"))
+            return clip_fields_from_hf_config(_read_hf_config(path), label_for(clip, path), str(path / "config.json"))
         weights = weights_in_folder(path)
         if weights is None:
             raise FileNotFoundError(f"CLIP folder {path} holds neither config.json nor a weights file "
                                     f"(model.safetensors, pytorch_model.bin, ...); pass an HF CLIP folder")
-        path, label = weights, path.name
+        path, label = weights, label_for(clip, path)
     if path.is_file():
         tower = clip_state_dict_to_open_clip(read_state_dict(path, trust_pickle=trust_pickle), str(path))
         return _clip_from_shapes(tower, label, str(path), quick_gelu)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from .config import PRESETS, TokenizerConfig
 from .data import DEFAULT_MAX_PIXELS, ImageReadError, ImageRecord, read_image, scan_inputs
 from .fileio import atomic_path, atomic_save_image, atomic_write_json, check_output_folder
+from .hub import is_hub_id
 from .metrics import psnr_signed
 from .model import ImageTokenizer
 from .precision import PRECISIONS, resolve_precision
@@ -77,7 +78,7 @@ def load_tokenizer_matching(identity: dict[str, Any], path: str | Path | None = 
     random weights of `load_tokenizer(preset=...)`. Its weights digest must match, so ids and
     features stay those of `what` (e.g. "the shards"); otherwise a ValueError says so."""
     source = path or identity.get("source")
-    if source and Path(source).expanduser().exists():
+    if source and (Path(source).expanduser().exists() or is_hub_id(source)):  # a path, or a Hub id (libra_tok.hub)
         tok = load_tokenizer(source, device=device, trust_pickle=trust_pickle)
     else:
         names = [n for n, cfg in PRESETS.items() if cfg.architecture_hash() == identity["architecture_hash"]]

@@ -62,8 +62,8 @@ class TrainConfig(RunOptions):
     out_dir: str = option("run folder: checkpoints, samples, metrics, the final tokenizer", default="runs/libra-tok")
     preset: str = option("tokenizer preset (libra-l336 or tiny)", default="tiny")
     tokenizer: dict = option("TokenizerConfig overrides, e.g. {clip_pretrained: /path/clip.bin}", default_factory=dict)
-    init_from: str | None = option("start from this tokenizer (folder or official vqgan.ckpt) instead of the preset",
-                                   default=None)
+    init_from: str | None = option("start from this tokenizer (folder, official vqgan.ckpt or Hugging Face Hub id "
+                                   "org/name[@revision]) instead of the preset", default=None)
     steps: int = option("optimiser steps", default=2000)
     batch_size: int = option("images per step and process", default=8)
     lr: float = option("peak learning rate of the generator (quantizer + decoder)", default=1e-4)
