@@ -9,8 +9,8 @@ import click
 from libra_lm.train import TrainConfig
 
 from .common import dataclass_options, fail_on_errors, run_file_options, run_options
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from .hub import lm_push_command, offline_option
+from .lm_options import execution_options, finite, image_tokenizer_options, model_option, text_tokenizer_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -19,63 +19,26 @@ def main() -> None:
     """Libra LM: LLaMA with a routed visual expert and the cross-modal bridge."""
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def _finite(ctx, param, value):
-    """click's FloatRange lets NaN (and inf) through: every comparison with NaN is False."""
-    import math
-
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
-
-
 @main.command("generate")
-@click.option("--model", "model_path", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="LM folder: written by save_pretrained, an official Libra folder (libra-11b-chat/-base) or an "
-                   "HF LLaMA folder (vision parts then untrained).")
+@model_option()
 @click.option("--image", "image_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Image to ask about (any format PIL reads). Without it the prompt is text only.")
 @click.option("--prompt", required=True, help="The question or instruction.")
-@click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Image tokenizer: a libra-tok folder (save_pretrained) or an official vqgan.ckpt / its folder. "
-                   "Default: the model folder's own: its image_tokenizer/ sub-folder, else the tokenizer recorded "
-                   "by training (digest-checked), else its vqgan.ckpt (official Libra folders).")
-@click.option("--tokenizer-preset", type=click.Choice(["tiny"]), default=None,
-              help="Use the random image tokenizer of this preset instead: the same weights as `libra-tok encode "
-                   "--preset` (offline demos and tests).")
-@click.option("--text-tokenizer", "text_tokenizer_path", type=click.Path(exists=True, path_type=Path), default=None,
-              help="SentencePiece tokenizer.model (or a folder holding it). Default: the model folder's "
-                   "tokenizer.model.")
+@image_tokenizer_options
+@text_tokenizer_option
 @click.option("--template", type=click.Choice(["vicuna_v1", "raw"]), default="vicuna_v1", show_default=True,
               help="Prompt layout: vicuna_v1 for chat models (official conversation template), raw for Libra-Base "
                    "(<s> image \\n prompt).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, callback=_finite,
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, callback=finite,
               help="Sampling temperature (a finite number >= 0); 0 = greedy decoding.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
-              callback=_finite, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
+              callback=finite, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
 @click.option("--stop", "stop_strings", multiple=True,
               help="Stop when the answer contains this string (repeatable); generation also stops at EOS.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling.")
-@click.option("--attn-backend", type=click.Choice(["auto", "eager", "sdpa", "flex", "cuda"]), default="auto",
-              show_default=True, help="Bridged-attention implementation; auto picks the fastest available.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
-              help="LM weights' precision; auto = bf16 on CUDA, fp32 on CPU.")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow Python objects besides tensors in pickled weights (an official vqgan.ckpt, "
-                   "pytorch_model.bin): unpickling can run code, so only for files you trust.")
+@execution_options
 @fail_on_errors
 def generate(
     model_path: Path,
@@ -104,28 +67,14 @@ def generate(
     """
     import torch
 
-    from libra_lm import LibraForCausalLM, TextTokenizer
+    from libra_lm import inference
     from libra_lm.generate import chat, image_segments
 
-    if tokenizer_path is not None and tokenizer_preset is not None:
-        raise click.UsageError("give --tokenizer or --tokenizer-preset, not both")
-    dev = _device(device)
-    if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
-    torch_dtype = getattr(torch, DTYPES[dtype])
-
-    image = _read_image(image_path) if image_path is not None else None  # fail fast, before any loading
-    if text_tokenizer_path is None:
-        text_tokenizer_path = model_path / "tokenizer.model"
-        if not text_tokenizer_path.is_file():
-            raise FileNotFoundError(f"{model_path} has no tokenizer.model; pass --text-tokenizer PATH")
-    text_tok = TextTokenizer.from_pretrained(text_tokenizer_path)
-    image_tok = None
-    if image is not None:
-        image_tok = _image_tokenizer(tokenizer_path, tokenizer_preset, model_path, trust_pickle).to(dev).eval()
-    model = LibraForCausalLM.from_pretrained(model_path, device=dev, dtype=torch_dtype, trust_pickle=trust_pickle)
-    model.attn_backend = attn_backend
-
+    image = inference.read_image(image_path) if image_path is not None else None  # fail fast, before any loading
+    lm = inference.load_for_inference(model_path, tokenizer=tokenizer_path, tokenizer_preset=tokenizer_preset,
+                                      text_tokenizer=text_tokenizer_path, with_image_tokenizer=image is not None,
+                                      device=device, dtype=dtype, attn_backend=attn_backend, trust_pickle=trust_pickle)
+    model, text_tok, image_tok, dev = lm.model, lm.text_tokenizer, lm.image_tokenizer, lm.device
     images = image_segments(image_tok, [image], model.config) if image is not None else None
     generator = torch.Generator(device=dev).manual_seed(seed)
     out = chat(
@@ -135,39 +84,16 @@ def generate(
     click.echo(out.texts[0].strip())
 
 
-def _read_image(path: Path):
-    """The --image as 8-bit RGB, read as `libra-tok encode` reads its inputs; a file that is not
-    a readable image is a ValueError with the reason."""
-    from libra_tok.data import ImageReadError, ImageRecord, read_image
-
-    try:
-        return read_image(ImageRecord(str(path)))
-    except ImageReadError as err:
-        raise ValueError(f"cannot read --image {path}: {err}") from None
-
-
-def _image_tokenizer(path: Path | None, preset: str | None, model_path: Path, trust_pickle: bool):
-    from libra_lm.checkpoint import image_tokenizer_for
-    from libra_tok import ImageTokenizer
-    from libra_tok.pipeline import load_tokenizer
-
-    if preset is not None:  # the reproducible random weights `libra-tok encode --preset` uses
-        return load_tokenizer(preset=preset, device="cpu")
-    if path is not None:
-        return ImageTokenizer.from_pretrained(path, trust_pickle=trust_pickle)
-    return image_tokenizer_for(model_path, trust_pickle=trust_pickle,
-                               hint="pass --tokenizer PATH (a libra-tok folder or the official vqgan.ckpt) or "
-                                    "--tokenizer-preset tiny")
-
-
 @main.command("train")
 @click.argument("data", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @run_file_options
 @dataclass_options(TrainConfig, skip=("data",))
+@offline_option
 @fail_on_errors
 def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool, **options) -> None:
     """Train the LM on DATA: shard folders from `libra-tok encode` (--stage pretrain, image-caption
-    pairs, frozen LLM) or LLaVA-format JSON files (--stage sft, images looked up in --image-shards).
+    pairs, frozen LLM; --stage t2i, the same pairs as text-to-image) or LLaVA-format JSON files
+    (--stage sft, images looked up in --image-shards).
 
     Defaults are the official hyper-parameters of the chosen stage. One process by default;
     under `torchrun --nproc_per_node=N` every process trains on its own slice of each step
@@ -218,6 +144,18 @@ def train_text_tokenizer(sources: tuple[Path, ...], out_path: Path, vocab_size: 
     tok = TextTokenizer(out_path)
     click.echo(f"wrote {out_path} ({tok.vocab_size} pieces from {len(texts)} texts; newline id {tok.newline_token_id})")
 
+
+from .lm_visual import attention_command, complete_image_command, generate_image_command  # noqa: E402
+
+main.add_command(complete_image_command)
+main.add_command(generate_image_command)
+main.add_command(attention_command)
+main.add_command(lm_push_command)
+
+from .lm_eval import eval_command, score_group  # noqa: E402
+
+main.add_command(eval_command)
+main.add_command(score_group)
 
 if __name__ == "__main__":
     main()

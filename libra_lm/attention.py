@@ -15,7 +15,8 @@ Backends (all exact):
          original positions. Work = one causal attention. The CPU default.
   flex   FlexAttention (libra_lm.kernels); cuda: the fused CUDA kernel (libra_lm.kernels).
 `auto` picks cuda, then flex, then sdpa on a GPU (each kernel's status says whether it can
-run the given inputs, gradients included), sdpa elsewhere.
+run the given inputs, gradients included; a kernel that still fails when run is dropped and the
+next one runs), sdpa elsewhere: it never raises where another backend can run.
 
 KV-cache decoding: q may have fewer positions than the keys; the queries are then the last
 Nq positions of the key sequence (is_vision and segment_ids describe all Nk keys).
@@ -45,6 +46,8 @@ class BackendUnavailableError(ValueError):
 _kernels_cache: dict[str, Any] | None = None
 _kernels_error: str | None = None
 _logged: set[str] = set()
+# Kernel backends that raised when `auto` ran them (backend -> reason): auto skips them from then on.
+_failed: dict[str, str] = {}
 
 
 def _log_once(message: str) -> None:
@@ -95,7 +98,7 @@ def select_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
         if q.device.type != "cuda" or decoding:
             return "sdpa"
         for name in KERNEL_BACKENDS:
-            ok, reason = backend_status(name, q)
+            ok, reason = (False, f"it failed: {_failed[name]}") if name in _failed else backend_status(name, q)
             if ok:
                 return name
             _log_once(f"bridged_attention: backend {name!r} unavailable ({reason}); falling back")
@@ -165,17 +168,27 @@ def _views(k, v, k_x, v_x, is_vision, for_vision_queries: bool):
     return torch.where(key_is_vision, k_x, k), torch.where(key_is_vision, v_x, v)
 
 
-def eager_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids=None):
-    """Official math: both score matrices, rows picked by query modality, fp32 softmax."""
+def eager_bridged_probs(q, k, k_x, is_vision, segment_ids=None):
+    """The attention probabilities of the official math, (B, H, Nq, Nk) fp32: both score
+    matrices, rows picked by query modality, fp32 softmax."""
     nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
     q_is_vision = is_vision[:, nk - nq:][:, None, :, None]
-    k_vis, v_vis = _views(k, v, k_x, v_x, is_vision, True)
-    k_lang, v_lang = _views(k, v, k_x, v_x, is_vision, False)
+    key_is_vision = is_vision[:, None, :, None]
+    k_vis, k_lang = torch.where(key_is_vision, k, k_x), torch.where(key_is_vision, k_x, k)  # as _views
     scores_vis = torch.matmul(q, k_vis.transpose(2, 3)) / math.sqrt(d)
     scores_lang = torch.matmul(q, k_lang.transpose(2, 3)) / math.sqrt(d)
     scores = torch.where(q_is_vision, scores_vis, scores_lang).float()
     scores = scores.masked_fill(~allowed_mask(nq, segment_ids, nk, q.device), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.softmax(scores, dim=-1)
+
+
+def eager_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids=None):
+    """Official math: `eager_bridged_probs` times each query modality's value view."""
+    nq, nk = q.shape[2], k.shape[2]
+    q_is_vision = is_vision[:, nk - nq:][:, None, :, None]
+    probs = eager_bridged_probs(q, k, k_x, is_vision, segment_ids).to(q.dtype)
+    key_is_vision = is_vision[:, None, :, None]
+    v_vis, v_lang = torch.where(key_is_vision, v, v_x), torch.where(key_is_vision, v_x, v)  # as _views
     return torch.where(q_is_vision, torch.matmul(probs, v_vis), torch.matmul(probs, v_lang))
 
 
@@ -282,7 +295,18 @@ def bridged_attention(
             cache["sdpa"] = sdpa_plan(is_vision, segment_ids, q.shape[2], cache.get("query_counts"))
         return sdpa_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids, plan=cache["sdpa"])
     kernels, _ = _load_kernels()
-    return kernels[name][0](q, k, v, k_x, v_x, is_vision, segment_ids=segment_ids)
+    try:
+        return kernels[name][0](q, k, v, k_x, v_x, is_vision, segment_ids=segment_ids)
+    except (RuntimeError, ValueError) as exc:
+        # `auto` never fails where another backend can run: a kernel that passed its status
+        # check but fails here (a launch the device refuses, a compiler error) is dropped for
+        # the rest of the process and the next backend runs. Out of memory is not the kernel's.
+        if backend != "auto" or isinstance(exc, torch.OutOfMemoryError):
+            raise
+        _failed[name] = f"{type(exc).__name__}: {exc}"
+        cache[key] = select_backend(backend, q, k.shape[2])
+        return bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids=segment_ids, backend=backend,
+                                 layout_cache=cache)
 
 
 __all__ = [
@@ -290,6 +314,7 @@ __all__ = [
     "BackendUnavailableError",
     "bridged_attention",
     "eager_bridged_attention",
+    "eager_bridged_probs",
     "sdpa_bridged_attention",
     "sdpa_plan",
     "select_backend",

@@ -16,7 +16,7 @@ nothing, its ids being the model's own samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +110,7 @@ class _Context:
     backend: str
     cache: KVCache | None
     layout_cache: dict  # shared by the layers' attention calls (same layout throughout)
+    probe: Callable | None = None  # LibraForCausalLM.attention_probe
 
 
 # ---- the decoder layer ---------------------------------------------------------------------------
@@ -158,6 +159,8 @@ class LibraAttention(nn.Module):
         q, k, k_x = (apply_rope(t, ctx.cos, ctx.sin) for t in (q, k, k_x))
         if ctx.cache is not None:
             k, v, k_x, v_x = ctx.cache.update(self.layer_idx, [k, v, k_x, v_x])
+        if ctx.probe is not None:  # what this layer's attention reads (libra_lm.visual.attention_maps)
+            ctx.probe(self.layer_idx, q, k, k_x, ctx.key_is_vision, ctx.key_padding_mask)
         out = bridged_attention(
             q, k, v, k_x, v_x, ctx.key_is_vision,
             segment_ids=ctx.segment_ids, key_padding_mask=ctx.key_padding_mask, backend=ctx.backend,
@@ -283,6 +286,11 @@ class LibraForCausalLM(nn.Module):
         # Run both modalities' modules even when a batch lacks one (zero rows), so every
         # parameter gets a gradient each step: what DDP and FSDP2 training need.
         self.run_idle_modules = False
+        # None, or a function called by every attention layer with (layer index, q (B, H, Nq, d),
+        # k and k_x (B, H, Nk, d) after RoPE, cache included, key modality (B, Nk), key padding
+        # mask (B, Nk) True = real, or None): an attention analysis reads the rows it needs
+        # from them (libra_lm.visual.attention_maps), whatever backend computes the attention.
+        self.attention_probe: Callable | None = None
         self._frozen_llm = False
         self.init_weights()
 
@@ -309,18 +317,27 @@ class LibraForCausalLM(nn.Module):
     ) -> "LibraForCausalLM":
         """Load our folder (save_pretrained), an official Libra folder
         (docs/official-formats.md#lm-folder) or an HF LLaMA folder (vision parts initialised as
-        the official init). `config_overrides` set LibraConfig fields an HF LLaMA config does not
+        the official init), or any of them by Hugging Face Hub id, e.g. "YifanXu/libra-11b-chat"
+        (libra_tok.hub). `config_overrides` set LibraConfig fields an HF LLaMA config does not
         have (e.g. contiguous_signal_size)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, path, device=device, dtype=dtype, trust_pickle=trust_pickle, **config_overrides)
 
-    def save_pretrained(self, path: str | Path, *, image_tokenizer: dict | None = None) -> Path:
+    def save_pretrained(self, path: str | Path, *, image_tokenizer: dict | None = None, push_to_hub: bool = False,
+                        repo_id: str | None = None, **push_options) -> Path:
         """Write config.json + model.safetensors (atomically); `image_tokenizer` records the
-        identity of the image tokenizer the model was trained with (see checkpoint.save_pretrained)."""
+        identity of the image tokenizer the model was trained with (see checkpoint.save_pretrained).
+        push_to_hub: then upload the folder with a model card to the Hub repo `repo_id`
+        (libra_tok.hub_push.push_to_hub, which takes `push_options`)."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, path, image_tokenizer=image_tokenizer)
+        folder = save_pretrained(self, path, image_tokenizer=image_tokenizer)
+        if push_to_hub:
+            from libra_tok.hub_push import push_to_hub as push
+
+            push(folder, repo_id, expect="lm", **push_options)
+        return folder
 
     # ---- parameters ------------------------------------------------------------------------------
     @property
@@ -454,7 +471,7 @@ class LibraForCausalLM(nn.Module):
         ctx = _Context(
             router=router, cos=cos, sin=sin, key_is_vision=key_is_vision, segment_ids=segment_ids,
             key_padding_mask=key_mask if has_padding else None, backend=backend, cache=cache,
-            layout_cache=_layout_hints(router, n),
+            layout_cache=_layout_hints(router, n), probe=self.attention_probe,
         )
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and cache is not None:

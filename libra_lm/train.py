@@ -55,19 +55,23 @@ from libra_tok.run import (
 )
 
 from .config import LibraConfig
-from .data import INPUT_MODES, Batch, Collator, InstructionDataset, PretrainDataset, ShardImages
+from .data import INPUT_MODES, Batch, Collator, InstructionDataset, PretrainDataset, ShardImages, T2IDataset
 from .model import IGNORE_INDEX, LibraForCausalLM
 from .routing import RMSNorm
 from .text import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "t2i")
+SHARD_STAGES = ("pretrain", "t2i")  # stages whose data are shard folders (t2i: text-to-image, libra_lm.data.t2i)
 # Official per-stage values (`libra/configs/libra_pretrain.yaml`, `libra_instruction.yaml`);
 # steps None = `epochs` over the data.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pretrain": {"lr": 1e-4, "batch_size": 8, "grad_accum": 4, "max_length": 700, "steps": 40_000},
     "sft": {"lr": 2e-5, "batch_size": 2, "grad_accum": 8, "max_length": 2048, "steps": None},
+    # t2i: the paper's text-to-image fine-tuning (§4.3, pairs from the pretraining data) states no
+    # hyper-parameters; the pretraining ones, one pass over the pairs.
+    "t2i": {"lr": 1e-4, "batch_size": 8, "grad_accum": 4, "max_length": 700, "steps": None},
 }
 PARALLEL = ("auto", "ddp", "fsdp")
 LOSS_REDUCTIONS = ("tokens", "official")
@@ -79,31 +83,34 @@ class TrainConfig(RunOptions):
     """Every field can be set in a YAML/JSON file and overridden on the command line.
     Fields left at None take the stage's official value (STAGE_DEFAULTS)."""
 
-    stage: str = option("pretrain (image-caption shards, frozen LLM) or sft (LLaVA JSON, everything trains)",
+    stage: str = option("pretrain (image-caption shards, frozen LLM), sft (LLaVA JSON, everything trains) or t2i "
+                        "(text-to-image on image-caption shards: caption, then the image; frozen LLM)",
                         default="pretrain")
-    data: list[str] = option("pretrain: shard folders from `libra-tok encode`; sft: LLaVA-format JSON files",
+    data: list[str] = option("pretrain, t2i: shard folders from `libra-tok encode`; sft: LLaVA-format JSON files",
                              default_factory=list)
     image_shards: list[str] = option("sft: shard folders holding the images the JSON names", default_factory=list)
-    val_data: list[str] = option("validation data, as `data` (pretrain: shard folders; sft: JSON files)",
+    val_data: list[str] = option("validation data, as `data` (pretrain, t2i: shard folders; sft: JSON files)",
                                  default_factory=list)
     val_holdout: int = option("samples held out of `data` for validation (when no val_data is given)", default=0)
     val_every: int = option("steps between validation losses (official: 200)", default=200)
     val_max_samples: int | None = option("validate on at most this many samples (official: 5000)", default=5000)
     out_dir: str = option("run folder: checkpoints, metrics, loss plot, the final model", default="runs/libra-lm")
-    init_from: str | None = option("start from this model folder: an HF LLaMA, an official Libra or one of ours",
-                                   default=None)
+    init_from: str | None = option("start from this model: the folder or Hugging Face Hub id (org/name[@revision]) "
+                                   "of an HF LLaMA, an official Libra or one of ours", default=None)
     preset: str = option("LM preset for a fresh model when init_from is not given (tiny or libra-7b)", default="tiny")
     lm: dict = option("LibraConfig overrides for a fresh or an HF LLaMA model, e.g. {num_hidden_layers: 4}",
                       default_factory=dict)
-    text_tokenizer: str | None = option("SentencePiece tokenizer.model (default: the one in init_from)", default=None)
-    image_tokenizer: str | None = option("image tokenizer to recompute CLIP features when the shards store none "
-                                         "(default: the one the shards name)", default=None)
+    text_tokenizer: str | None = option("SentencePiece tokenizer.model, a folder or Hub id holding one (default: "
+                                        "the one in init_from)", default=None)
+    image_tokenizer: str | None = option("image tokenizer (folder, vqgan.ckpt or Hub id) to recompute CLIP features "
+                                         "when the shards store none (default: the one the shards name)", default=None)
     input: str = option("hybrid (ids + CLIP features, the paper) or discrete (ids only, ablation Tab. 3 f)",
                         default="hybrid")
-    frozen_llm: bool | None = option("train only the vision parts (default: on for pretrain, off for sft)",
+    frozen_llm: bool | None = option("train only the vision parts (default: on for pretrain and t2i, off for sft)",
                                      default=None)
-    steps: int | None = option("optimizer steps (default: pretrain 40000, sft `epochs` over the data)", default=None)
-    epochs: float = option("sft without steps: passes over the data", default=1.0)
+    steps: int | None = option("optimizer steps (default: pretrain 40000; sft, t2i: `epochs` over the data)",
+                               default=None)
+    epochs: float = option("sft, t2i without steps: passes over the data", default=1.0)
     batch_size: int | None = option("sequences per micro-batch and process (default: pretrain 8, sft 2)", default=None)
     grad_accum: int | None = option("micro-batches per optimizer step (default: pretrain 4, sft 8)", default=None)
     lr: float | None = option("peak learning rate (default: pretrain 1e-4, sft 2e-5)", default=None)
@@ -118,7 +125,7 @@ class TrainConfig(RunOptions):
                                  default="tokens")
     max_length: int | None = option("tokens per sequence, longer ones cut (default: pretrain 700, sft 2048)",
                                     default=None)
-    max_words: int = option("pretrain: caption words kept (official 64)", default=64)
+    max_words: int = option("pretrain, t2i: caption words kept (official 64)", default=64)
     caption_eos: bool = option("pretrain: end captions with EOS (the official Libra-Base has none)", default=False)
     packing: bool = option("pack the sequences of a micro-batch into rows of pack_length tokens", default=False)
     pack_length: int | None = option("tokens per packed row (default: max_length)", default=None)
@@ -148,7 +155,7 @@ class TrainConfig(RunOptions):
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.frozen_llm is None:
-            self.frozen_llm = self.stage == "pretrain"
+            self.frozen_llm = self.stage in SHARD_STAGES
         checks = [
             (self.input in INPUT_MODES, f"input must be one of {INPUT_MODES}, got {self.input!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
@@ -207,6 +214,8 @@ def lm_config_for(cfg: TrainConfig, images: ShardImages | None) -> tuple[LibraCo
     """(LM config of the run, where weights come from: "preset", "ours", "official" or "llama",
     the LibraConfig overrides an HF LLaMA folder needs). An HF LLaMA model takes its image
     sizes from the shards; a preset's must fit them (checked with the data)."""
+    from libra_tok.hub import CONFIG, resolve
+
     from .checkpoint import (
         config_from_llama,
         config_from_official,
@@ -223,7 +232,7 @@ def lm_config_for(cfg: TrainConfig, images: ShardImages | None) -> tuple[LibraCo
             image_fields["contiguous_signal_size"] = images.feature_dim
     if cfg.init_from is None:
         return LibraConfig.from_preset(cfg.preset, **cfg.lm), "preset", {}
-    folder = Path(cfg.init_from).expanduser()
+    folder = resolve(cfg.init_from, CONFIG)  # a folder or a Hub id (libra_tok.hub)
     if not folder.is_dir():
         raise FileNotFoundError(f"--init-from {folder}: no such model folder")
     meta = read_config_json(folder)
@@ -348,7 +357,7 @@ class Trainer(TrainingLoop):
 
         # Data first: a wrong path or an empty set fails before any weights are loaded.
         self.text_tokenizer_path = self._text_tokenizer_path()
-        self.images = self._images(cfg.data if cfg.stage == "pretrain" else cfg.image_shards)
+        self.images = self._images(cfg.data if cfg.stage in SHARD_STAGES else cfg.image_shards)
         self.lm_config, self.init_kind, self.lm_overrides = lm_config_for(cfg, self.images)
         self.train_data, self.val_data = self._datasets()
         self.image_tokenizer_identity = run_image_tokenizer(cfg, self.shard_sets)
@@ -380,35 +389,45 @@ class Trainer(TrainingLoop):
 
     # -- setup ----------------------------------------------------------------------------------
     def _text_tokenizer_path(self) -> str:
+        from libra_tok.hub import TEXT_TOKENIZER, resolve  # paths or Hub ids
+
         cfg = self.cfg
         if cfg.text_tokenizer:
-            path = Path(cfg.text_tokenizer).expanduser()
+            path = resolve(cfg.text_tokenizer, TEXT_TOKENIZER)
             return str(path / MODEL_FILE if path.is_dir() else path)
-        if cfg.init_from and (Path(cfg.init_from).expanduser() / MODEL_FILE).is_file():
-            return str(Path(cfg.init_from).expanduser() / MODEL_FILE)
+        in_init = resolve(cfg.init_from, TEXT_TOKENIZER) / MODEL_FILE if cfg.init_from else None
+        if in_init is not None and in_init.is_file():
+            return str(in_init)
         raise ValueError("no text tokenizer: pass --text-tokenizer PATH (a SentencePiece tokenizer.model; "
                          "`libra-lm train-text-tokenizer` makes a small one) or --init-from a folder that holds one")
 
     def _images(self, folders: Sequence[str]) -> ShardImages | None:
         if not folders:
-            if self.cfg.stage == "pretrain":
+            if self.cfg.stage in SHARD_STAGES:
                 raise ValueError("no training data: pass the shard folders written by `libra-tok encode`")
             return None
-        return ShardImages(folders, self.cfg.input)
+        return self._shard_images(folders)
+
+    def _shard_images(self, folders: Sequence[str]) -> ShardImages:
+        # t2i: the images are what is generated, fed without CLIP features (paper §4.3), so none are read or computed.
+        return ShardImages(folders, "discrete" if self.cfg.stage == "t2i" else self.cfg.input)
 
     def _datasets(self):
         cfg = self.cfg
         if not cfg.data:
-            raise ValueError("no training data: pass " + ("shard folders" if cfg.stage == "pretrain" else
+            raise ValueError("no training data: pass " + ("shard folders" if cfg.stage in SHARD_STAGES else
                                                           "LLaVA-format JSON files"))
 
         def make(sources=None):
-            if cfg.stage == "pretrain":
-                images = self.images if sources is None else ShardImages(sources, cfg.input)
+            if cfg.stage in SHARD_STAGES:
+                images = self.images if sources is None else self._shard_images(sources)
                 if images.tokenizer["weights_sha256"] != self.images.tokenizer["weights_sha256"]:
                     raise ValueError(f"the validation shards {', '.join(sources)} were encoded by another image "
                                      "tokenizer than the training shards; encode both with the same one")
                 self.shard_sets.append(images)
+                if cfg.stage == "t2i":
+                    return T2IDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
+                                      max_words=cfg.max_words)
                 return PretrainDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
                                        max_words=cfg.max_words, eos=cfg.caption_eos)
             return InstructionDataset(sources or cfg.data, self.images, self.text_tokenizer_path, self.lm_config,

@@ -398,3 +398,75 @@ def free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+# ---- bridged attention: the dense oracle, sequence layouts, random inputs --------------------------------
+def bridged_oracle(q, k, v, k_x, v_x, is_vision, segment_ids=None):
+    """The official two-view math (`attn_with_bridge`, libra/models/libra/modeling_libra.py), dense:
+    both score matrices, rows picked by query modality, one softmax per query. Returns (out, lse)."""
+    import math
+
+    n, d = q.shape[-2:]
+    same = (is_vision[:, :, None] == is_vision[:, None, :])[:, None]  # (B, 1, N, N)
+    scores = torch.where(same, q @ k.transpose(-1, -2), q @ k_x.transpose(-1, -2)) / math.sqrt(d)
+    i = torch.arange(n, device=q.device)
+    allowed = (i[None, :] <= i[:, None])[None, None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    out = (p * same) @ v + (p * ~same) @ v_x
+    return out, torch.logsumexp(scores, dim=-1)
+
+
+BRIDGED_LAYOUTS = ["interleaved", "images", "packed", "all_text", "all_vision"]
+
+
+def bridged_layout(kind: str, b: int, n: int, gen: torch.Generator):
+    """is_vision (B, N) and segment_ids (B, N) or None for a named sequence layout: `interleaved`
+    (modality flips at random), `images` (text and image runs), `packed` (the same in packed
+    samples), `all_text`, `all_vision`, `long_segments` (text, two segments of N/3 and 2N/3: whole
+    key blocks and query tiles inside one segment)."""
+    if kind == "interleaved":  # modality flips at random: every tile boundary case
+        return torch.rand(b, n, generator=gen) < 0.5, None
+    if kind in ("images", "packed"):
+        is_vision = torch.zeros(b, n, dtype=torch.bool)
+        segment = torch.zeros(b, n, dtype=torch.long)
+        for row in range(b):
+            pos, seg = 0, 0
+            while pos < n:
+                text = int(torch.randint(3, max(4, n // 8), (1,), generator=gen))
+                image = int(torch.randint(5, max(6, n // 4), (1,), generator=gen))
+                segment[row, pos:] = seg
+                pos += text
+                is_vision[row, pos:pos + image] = True
+                pos += image
+                if kind == "packed" and torch.rand(1, generator=gen) < 0.6:
+                    seg += 1  # the next text starts a new packed sample
+        return is_vision, (segment if kind == "packed" else None)
+    if kind == "all_text":
+        return torch.zeros(b, n, dtype=torch.bool), None
+    if kind == "all_vision":
+        return torch.ones(b, n, dtype=torch.bool), None
+    if kind == "long_segments":
+        segment = (torch.arange(n) >= n // 3).long().expand(b, n).contiguous()
+        return torch.zeros(b, n, dtype=torch.bool), segment
+    raise ValueError(kind)
+
+
+def random_qkv(b, h, n, d, dtype=torch.float64, device="cpu", seed=0):
+    """q, k, v, k_x, v_x (B, H, N, d), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, n, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            for _ in range(5)]
+
+
+def rel_err(x, ref):
+    """||x - ref|| / ||ref||; a gradient that must be zero (no query of that view) must be 0."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def max_err(x, ref):
+    """Largest elementwise error over the largest magnitude: catches one wrong row or tile
+    that a norm would average away."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()

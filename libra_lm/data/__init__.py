@@ -10,6 +10,7 @@ per step of the data path.
     examples.py       one sequence: joint ids, labels, image slots; truncation
     images.py         the LM's feature policy over the shard reader; image lookup by path
     datasets.py       PretrainDataset, InstructionDataset (worker-safe)
+    t2i.py            text-to-image: caption first, then the image; labels on the image only
     batching.py       padding and packing into a Batch
     texts.py          texts for training a text tokenizer
 
@@ -19,6 +20,7 @@ both columns, image ids + V_t, BOI, EOI):
                 labels: BOS, BOI and the "\\n" masked; patches, EOI and the caption trained.
   instruction   <s>{system} USER: BOI [patches] EOI \\n{question} ASSISTANT: {answer}</s>USER: ...
                 labels: everything but the answers and their EOS masked (image included).
+  text-to-image <s> caption \\n BOI [patches] EOI           labels: the patches and EOI only.
 """
 
 from .batching import Batch, Collator, collate, pack_rows
@@ -27,6 +29,7 @@ from .conversations import IMAGE_TAG, ROLES, conversation_example, parse_convers
 from .datasets import MAX_LISTED, InstructionDataset, PretrainDataset
 from .examples import Example, ImageSlot, truncate
 from .images import INPUT_MODES, ImageLookup, ShardImages, check_images_fit
+from .t2i import T2IDataset, t2i_example
 from .texts import iter_texts
 
 __all__ = [
@@ -46,6 +49,8 @@ __all__ = [
     "check_images_fit",
     "PretrainDataset",
     "InstructionDataset",
+    "T2IDataset",
+    "t2i_example",
     "records_of",
     "Batch",
     "pack_rows",
