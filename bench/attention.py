@@ -4,6 +4,8 @@ reference, and plain causal SDPA flash attention without the bridge (the ceiling
     python bench/attention.py                    # N = 1k..8k, d 128, bf16, causal (GPU)
     python bench/attention.py --seqlens 4096 --backends cuda,sdpa-flash
     python bench/attention.py --smoke            # tiny CPU configuration, to check it runs
+    python bench/attention.py --one-case 384     # one small forward+backward of `cuda`, checked (for
+                                                 # compute-sanitizer); exit status 1 if it is wrong
 
 FLOPs follow FlashAttention's convention: a causal forward is 4*B*H*N^2*d / 2, forward +
 backward 3.5 times that. Each configuration uses a realistic Libra layout (text, 578-token
@@ -68,8 +70,17 @@ def sdpa_flash(q, k, v, k_x, v_x, is_vision, segment_ids=None):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def cuda_small(q, k, v, k_x, v_x, is_vision, segment_ids=None):
+    """The fused kernel in its configuration for 99 KiB GPUs (sm_86/89/120), on any GPU."""
+    from libra_lm.kernels import ops, tiles
+
+    with ops.use_variant(tiles.smallest(q.shape[-1]).variant):
+        return kernels.cuda_bridged_attention(q, k, v, k_x, v_x, is_vision, segment_ids)
+
+
 BACKENDS = {
     "cuda": (kernels.cuda_bridged_attention, kernels.cuda_status),
+    "cuda-small": (cuda_small, kernels.cuda_status),
     "flex": (kernels.flex_bridged_attention, kernels.flex_status),
     "eager": (eager_bridged_attention, lambda q: (True, "")),
     "sdpa-flash": (sdpa_flash, lambda q: (True, "")),
@@ -166,26 +177,57 @@ def print_table(rows):
               + (f"  ({r['bwd_skip']})" if "bwd_skip" in r else ""))
 
 
+def one_case(n: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Forward + backward of `cuda` on one packed Libra layout (two samples), checked against
+    the eager backend in fp32; 0 when within bf16/fp16 error, else 1. Small enough for
+    compute-sanitizer's racecheck and memcheck."""
+    from libra_lm.attention import bridged_attention
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 2, n, head_dim)
+    inputs = [torch.randn(shape, generator=gen).to("cuda", dtype).requires_grad_() for _ in range(5)]
+    is_vision = libra_layout(1, n, image_tokens=n // 4, text_tokens=n // 8).cuda()
+    segment_ids = (torch.arange(n) >= n // 2).long()[None].cuda()  # two packed samples
+    out = kernels.cuda_bridged_attention(*inputs, is_vision, segment_ids)
+    grad_out = torch.randn(shape, generator=gen).to("cuda", dtype)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_in = [t.detach().float().requires_grad_() for t in inputs]
+    ref = bridged_attention(*ref_in, is_vision, segment_ids=segment_ids, backend="eager")
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.float())
+    torch.cuda.synchronize()
+    errors = [((x.float() - r).norm() / r.norm()).item() for x, r in zip((out, *grads), (ref, *ref_grads), strict=True)]
+    limit = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    print("relative errors (out, dq, dk, dv, dk_x, dv_x):", " ".join(f"{e:.2e}" for e in errors), f"limit {limit}")
+    return 0 if all(e < limit for e in errors) else 1
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqlens", default="1024,2048,4096,8192")
+    parser.add_argument("--seqlens", default="1024,2048,4096,8192", help="comma-separated sequence lengths N")
     parser.add_argument("--backends", default="cuda,flex,eager,sdpa-flash",
-                        help=f"comma-separated, from {', '.join(BACKENDS)}")
-    parser.add_argument("--tokens", type=int, default=16384, help="B * N per configuration")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+                        help=f"comma-separated, from {', '.join(BACKENDS)} (cuda-small: the fused kernel's "
+                             "configuration for 99 KiB GPUs; sdpa-flash: causal attention without the bridge)")
+    parser.add_argument("--tokens", type=int, default=16384, help="B * N per configuration (B = tokens // N)")
+    parser.add_argument("--heads", type=int, default=16, help="attention heads H")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim d (the kernel takes 64 and 128)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="input dtype")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (compilation, caches)")
+    parser.add_argument("--iters", type=int, default=10, help="timed runs; the median is reported")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="tiny configuration that runs on CPU")
+    parser.add_argument("--one-case", type=int, default=None, metavar="N",
+                        help="run one checked forward+backward of `cuda` at sequence length N and exit (GPU)")
     args = parser.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.one_case is not None:
+        if not torch.cuda.is_available():
+            parser.error("--one-case needs a CUDA GPU")
+        sys.exit(one_case(args.one_case, args.head_dim, dtype))
     if args.smoke:
         warnings.filterwarnings("ignore", message=".*flex_attention.*")  # eager flex on CPU says to compile
         args.seqlens, args.tokens, args.heads, args.head_dim = "128,256", 256, 2, 64
         args.warmup, args.iters = 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(names) - set(BACKENDS))
     if unknown:

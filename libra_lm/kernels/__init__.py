@@ -5,9 +5,11 @@ segment_ids (B, N). Query i sees key j <= i (same segment), with k[j], v[j] when
 the same modality, else k_x[j], v_x[j]; one softmax over all keys, scale 1/sqrt(d).
 
 - `cuda_bridged_attention`: fused CUDA kernels (forward and backward, bf16/fp16, d in
-  {64, 128}), a torch.library custom op built just in time on first use (see build.py).
+  {64, 128}, sm_80+ including the 99 KiB-shared-memory parts), a torch.library custom op built
+  just in time on first use (see build.py); the partition plan is built once per batch.
 - `flex_bridged_attention`: FlexAttention with a block mask built once per batch.
 - `cuda_status(q)`, `flex_status(q)`: whether a backend can run these inputs here, and why not.
+- `emulator`: the fused kernels' CUDA sources run on the CPU, for the tests (see README.md).
 
 Importing this package builds and loads nothing; `libra_lm.attention` imports these lazily.
 """
@@ -31,8 +33,9 @@ DISABLE_ENV = "LIBRA_DISABLE_CUDA_KERNELS"
 
 
 def cuda_status(q: Tensor) -> tuple[bool, str]:
-    """(True, "") when the fused kernel can run on q's device, dtype and head dim and the
-    extension builds (the first call may compile it, about a minute); else (False, reason)."""
+    """(True, "") when the fused kernel can run on q's device, dtype and head dim, a tile
+    configuration fits the device's opt-in shared memory per block, and the extension builds
+    (the first call may compile it, about a minute); else (False, reason)."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
         return False, f"the fused kernel is disabled by {DISABLE_ENV}"
     from .ops import kernel_unsupported_reason

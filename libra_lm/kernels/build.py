@@ -6,7 +6,8 @@
 - Ahead of time: `python -m libra_lm.kernels.build [--arch "8.0;9.0"]` runs the same build
   now, filling that cache (run it in the image or on the node before training).
 - Compile only: `python -m libra_lm.kernels.build --compile-only --arch "8.0;9.0"` compiles
-  every source with nvcc / the host compiler into object files and needs no GPU (CI).
+  every source with nvcc / the host compiler into object files and needs no GPU (CI);
+  `--resources` prints ptxas' registers and spills per kernel as a table (the kernels README's).
 
 A failed build never breaks the CPU path: the error is kept and reported by `cuda_status`.
 """
@@ -14,6 +15,7 @@ A failed build never breaks the CPU path: the error is kept and reported by `cud
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,9 +131,10 @@ def _arch_gencode(archs: str) -> list[str]:
 
 
 def compile_only(archs: str = DEFAULT_ARCHS, build_dir: str | Path | None = None, werror: bool = False,
-                 verbose: bool = False) -> list[Path]:
+                 verbose: bool = False, resources: bool = False) -> list[Path]:
     """Compile every source to an object file (no GPU, no link, no import). Returns the objects;
-    raises RuntimeError with the compiler output on failure."""
+    raises RuntimeError with the compiler output on failure. `resources`: print ptxas' registers
+    and spills per kernel as a markdown table instead of the compiler output."""
     import torch
 
     cuda_home = find_cuda_home()
@@ -150,7 +153,7 @@ def compile_only(archs: str = DEFAULT_ARCHS, build_dir: str | Path | None = None
                f"-I{CSRC}", "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall"]
         if werror:
             cmd += ["-Werror", "all-warnings"]
-        if verbose:
+        if verbose or resources:
             cmd += ["-Xptxas=-v"]  # registers, shared memory and spills per kernel
         commands.append(cmd)
     try:
@@ -177,13 +180,41 @@ def compile_only(archs: str = DEFAULT_ARCHS, build_dir: str | Path | None = None
     # The sources are independent: compile them side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(len(commands), os.cpu_count() or 1))) as pool:
         results = list(pool.map(run, commands))
+    table = []
     for cmd, proc in zip(commands, results, strict=True):
         output = (proc.stdout + proc.stderr).strip()
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {Path(cmd[2]).name} failed:\n{output}")
-        if output:
+        if resources:
+            table += ptxas_table(output)
+        elif output:
             click.echo(output, err=True)
+    if resources:
+        click.echo("| arch | kernel | dtype | d | tile (BM x BN x warps) | registers | spill stores / loads (B) |")
+        click.echo("|---|---|---|---|---|---|---|")
+        for r in sorted(table, key=lambda r: (r["arch"], r["kernel"], r["head_dim"], r["tile"], r["dtype"])):
+            click.echo(f"| {r['arch']} | {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['tile']} | "
+                       f"{r['registers']} | {r['spill_stores']} / {r['spill_loads']} |")
     return [Path(cmd[4]) for cmd in commands]
+
+
+def ptxas_table(text: str) -> list[dict]:
+    """ptxas -v output -> one row per kernel: arch, kernel, dtype, head dim, tile (BM, BN, warps),
+    registers, spill stores and loads (bytes)."""
+    rows = []
+    pattern = (r"Compiling entry function '(\S+)' for '(sm_\d+)'\s*\n.*?(\d+) bytes stack frame, (\d+) bytes spill "
+               r"stores, (\d+) bytes spill loads\s*\n.*?Used (\d+) registers")
+    for m in re.finditer(pattern, text, re.S):
+        name, arch, _, stores, loads, regs = m.groups()
+        k = re.search(r"(fwd|bwd|bwd_delta)_kernelI(6__half|13__nv_bfloat16)Li(\d+)E(?:Li(\d+)ELi(\d+)ELi(\d+)E)?",
+                      name)
+        if k is None:
+            continue
+        tile = "x".join(k.group(i) for i in (4, 5, 6)) if k.group(4) else "-"
+        rows.append({"arch": arch, "kernel": k.group(1), "dtype": "fp16" if "half" in k.group(2) else "bf16",
+                     "head_dim": int(k.group(3)), "tile": tile, "registers": int(regs), "spill_stores": int(stores),
+                     "spill_loads": int(loads)})
+    return rows
 
 
 @click.command()
@@ -196,16 +227,20 @@ def compile_only(archs: str = DEFAULT_ARCHS, build_dir: str | Path | None = None
               help="Where --compile-only writes the objects (default: a temporary folder, removed after).")
 @click.option("--werror", is_flag=True, help="Treat compiler warnings as errors (--compile-only).")
 @click.option("--verbose", "-v", is_flag=True, help="Show the compiler commands and ptxas resource usage.")
-def main(compile_only_flag, arch, build_dir, werror, verbose):
+@click.option("--resources", is_flag=True,
+              help="With --compile-only: print registers and spills of every kernel (ptxas -v) as a table.")
+def main(compile_only_flag, arch, build_dir, werror, verbose, resources):
     """Build the fused bridged-attention CUDA extension ahead of time, or compile-check it."""
+    if resources and not compile_only_flag:
+        raise click.UsageError("--resources goes with --compile-only")
     if compile_only_flag:
         archs = arch or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
         try:
             if build_dir is None:
                 with tempfile.TemporaryDirectory(prefix="libra_kernels_") as tmp:
-                    objects = compile_only(archs, tmp, werror=werror, verbose=verbose)
+                    objects = compile_only(archs, tmp, werror=werror, verbose=verbose, resources=resources)
             else:
-                objects = compile_only(archs, build_dir, werror=werror, verbose=verbose)
+                objects = compile_only(archs, build_dir, werror=werror, verbose=verbose, resources=resources)
         except (RuntimeError, ValueError) as e:
             raise click.ClickException(str(e)) from e
         click.echo(f"compiled {len(objects)} sources for {archs}: {', '.join(o.name for o in objects)}")

@@ -6,14 +6,18 @@ vision queries see `k` at vision keys and `k_x` at text keys. Sorting queries by
 cutting them into tiles of one modality lets every tile run a plain causal attention over its
 view; the causal mask keeps using original positions. The plan below is that sort and cut,
 computed with tensor ops on the inputs' device (no host sync), and shared by the CUDA kernels
-and the PyTorch reference in `reference.py`.
+and the PyTorch reference in `reference.py`. It depends only on `is_vision` and `segment_ids`:
+`cached_plan` builds it once per batch for every layer, and the backward reuses the forward's.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+from .tiles import KEY_GROUP, PLAN_BLOCK_M
 
 
 @dataclass
@@ -23,13 +27,22 @@ class Plan:
     `key_lo, key_hi` (the keys any of its queries can see lie in [key_lo, key_hi)); unused
     slots are all zero. Tiles [0, ceil(n_text / block_m)) are text, the next ones vision.
     n_text (B,) int32. segment (B, N) int32 or None: each token's segment as the position of
-    its first token (equal labels <=> equal `segment_ids`, whatever their dtype)."""
+    its first token (equal labels <=> equal `segment_ids`, whatever their dtype). With
+    segments, tile_segment (B, T) int32: the label all of a tile's queries share, else -1; and
+    key_segment (B, ceil(N / KEY_GROUP)) int32: the label all keys of a group of KEY_GROUP
+    share, else -1. The kernels skip the mask on key blocks whose labels equal the tile's."""
 
     perm: torch.Tensor
     tiles: torch.Tensor
     n_text: torch.Tensor
     segment: torch.Tensor | None
     block_m: int
+    tile_segment: torch.Tensor | None = None
+    key_segment: torch.Tensor | None = None
+
+    def tensors(self) -> tuple:
+        """(perm, tiles, n_text, segment, tile_segment, key_segment): the op's plan arguments."""
+        return self.perm, self.tiles, self.n_text, self.segment, self.tile_segment, self.key_segment
 
     @property
     def num_tiles(self) -> int:
@@ -83,6 +96,7 @@ def make_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, block_m
     slot_tile = torch.where(s < nt, s // block_m, tiles_text[:, None] + (s - nt) // block_m)
     key_hi = torch.zeros(b, slots, dtype=torch.int64, device=dev)
     key_hi.scatter_reduce_(1, slot_tile, perm + 1, reduce="amax")
+    tile_segment = key_segment = None
     if segment_ids is None:
         segment = None
         key_lo = torch.zeros(b, slots, dtype=torch.int64, device=dev)
@@ -94,9 +108,19 @@ def make_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, block_m
         if segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
             raise ValueError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
         segment = segment_first_position(segment_ids.to(dev))
+        sorted_labels = segment.gather(1, perm)
         key_lo = torch.full((b, slots), n, dtype=torch.int64, device=dev)
-        key_lo.scatter_reduce_(1, slot_tile, segment.gather(1, perm), reduce="amin")
+        key_lo.scatter_reduce_(1, slot_tile, sorted_labels, reduce="amin")
+        label_hi = torch.full((b, slots), -1, dtype=torch.int64, device=dev)
+        label_hi.scatter_reduce_(1, slot_tile, sorted_labels, reduce="amax")
         key_lo = torch.where(used, key_lo, 0)
+        tile_segment = torch.where(used & (key_lo == label_hi), key_lo, -1).to(torch.int32).contiguous()
+        groups = -(-n // KEY_GROUP)
+        padded = torch.full((b, groups * KEY_GROUP), -1, dtype=torch.int64, device=dev)  # -1: past the sequence
+        padded[:, :n] = segment
+        padded = padded.view(b, groups, KEY_GROUP)
+        lo, hi = padded.amin(-1), padded.amax(-1)
+        key_segment = torch.where(lo == hi, lo, -1).to(torch.int32).contiguous()
         segment = segment.to(torch.int32).contiguous()
 
     tiles = torch.stack([q_start, q_end, key_lo, key_hi], dim=-1).to(torch.int32).contiguous()
@@ -106,4 +130,35 @@ def make_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, block_m
         n_text=n_text.to(torch.int32).contiguous(),
         segment=segment,
         block_m=block_m,
+        tile_segment=tile_segment,
+        key_segment=key_segment,
     )
+
+
+_plan_cache: dict = {}
+
+
+def cached_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, block_m: int = PLAN_BLOCK_M) -> Plan:
+    """`make_plan`, built once per batch: the layers of a forward pass give the same
+    `is_vision` (and `segment_ids`) tensors, so the last plan is reused while those tensors are
+    alive and unmodified (by identity and version counter). Inside torch.compile the plan is
+    built in the graph."""
+    if torch.compiler.is_compiling():
+        return make_plan(is_vision, segment_ids, block_m)
+    key = (is_vision._version, None if segment_ids is None else segment_ids._version, block_m)
+    hit = _plan_cache.get("entry")
+    if hit is not None:
+        ref_vis, ref_seg, cached_key, plan = hit
+        same_seg = (segment_ids is None and ref_seg is None) or (
+            ref_seg is not None and segment_ids is not None and ref_seg() is segment_ids
+        )
+        if ref_vis() is is_vision and same_seg and cached_key == key:
+            return plan
+    plan = make_plan(is_vision, segment_ids, block_m)
+    _plan_cache["entry"] = (
+        weakref.ref(is_vision),
+        None if segment_ids is None else weakref.ref(segment_ids),
+        key,
+        plan,
+    )
+    return plan

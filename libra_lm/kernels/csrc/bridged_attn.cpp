@@ -42,11 +42,14 @@ libra::DType kernel_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kBFloat16 ? libra::DType::kBFloat16 : libra::DType::kFloat16;
 }
 
-// Shared inputs of the forward and backward: checks them and fills the params.
+// Shared inputs of the forward and backward: checks them and fills the params. The plan
+// (libra_lm/kernels/partition.py) is built once per batch and shared by both.
 libra::BridgedAttnParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& kx, const at::Tensor& vx, const at::Tensor& is_vision,
-                                     const std::optional<at::Tensor>& segment, const at::Tensor& perm,
-                                     const at::Tensor& tiles, const at::Tensor& n_text) {
+                                     const at::Tensor& perm, const at::Tensor& tiles, const at::Tensor& n_text,
+                                     const std::optional<at::Tensor>& segment,
+                                     const std::optional<at::Tensor>& tile_segment,
+                                     const std::optional<at::Tensor>& key_segment, int64_t variant) {
   TORCH_CHECK(q.dim() == 4, "q must be (B, H, N, D), got ", q.sizes());
   check_rows(q, "q", q);
   check_rows(k, "k", q);
@@ -54,8 +57,9 @@ libra::BridgedAttnParams make_params(const at::Tensor& q, const at::Tensor& k, c
   check_rows(kx, "k_x", q);
   check_rows(vx, "v_x", q);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  int sizes[4];
-  TORCH_CHECK(libra::bridged_attn_block_sizes(int(D), sizes), "head dim must be 64 or 128, got ", D);
+  int64_t config[8];
+  TORCH_CHECK(libra::bridged_attn_config(int(D), int(variant), config), "no kernel configuration for head dim ", D,
+              " and variant ", variant);
   TORCH_CHECK(N < (int64_t(1) << 30), "sequence length ", N, " is too long for 32-bit positions");
   const auto dev = q.device();
   check_contiguous(is_vision, "is_vision", at::kBool, {B, N}, dev);
@@ -65,6 +69,12 @@ libra::BridgedAttnParams make_params(const at::Tensor& q, const at::Tensor& k, c
               tiles.sizes());
   check_contiguous(tiles, "tiles", at::kInt, tiles.sizes(), dev);
   check_contiguous(n_text, "n_text", at::kInt, {B}, dev);
+  TORCH_CHECK(segment.has_value() == tile_segment.has_value() && segment.has_value() == key_segment.has_value(),
+              "segment, tile_segment and key_segment come together");
+  if (segment.has_value()) {
+    check_contiguous(*tile_segment, "tile_segment", at::kInt, {B, tiles.size(1)}, dev);
+    check_contiguous(*key_segment, "key_segment", at::kInt, {B, (N + libra::kKeyGroup - 1) / libra::kKeyGroup}, dev);
+  }
 
   libra::BridgedAttnParams p{};
   p.q = q.data_ptr();
@@ -82,6 +92,8 @@ libra::BridgedAttnParams make_params(const at::Tensor& q, const at::Tensor& k, c
   p.perm = perm.data_ptr<int32_t>();
   p.tiles = tiles.data_ptr<int32_t>();
   p.n_text = n_text.data_ptr<int32_t>();
+  p.tile_segment = tile_segment.has_value() ? tile_segment->data_ptr<int32_t>() : nullptr;
+  p.key_segment = key_segment.has_value() ? key_segment->data_ptr<int32_t>() : nullptr;
   p.B = int(B);
   p.H = int(H);
   p.N = int(N);
@@ -92,31 +104,33 @@ libra::BridgedAttnParams make_params(const at::Tensor& q, const at::Tensor& k, c
 }
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kx,
-             const at::Tensor& vx, const at::Tensor& is_vision, const std::optional<at::Tensor>& segment,
-             const at::Tensor& perm, const at::Tensor& tiles, const at::Tensor& n_text, const at::Tensor& out,
-             const at::Tensor& lse) {
+             const at::Tensor& vx, const at::Tensor& is_vision, const at::Tensor& perm, const at::Tensor& tiles,
+             const at::Tensor& n_text, const std::optional<at::Tensor>& segment,
+             const std::optional<at::Tensor>& tile_segment, const std::optional<at::Tensor>& key_segment,
+             int64_t variant, const at::Tensor& out, const at::Tensor& lse) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  auto p = make_params(q, k, v, kx, vx, is_vision, segment, perm, tiles, n_text);
+  auto p = make_params(q, k, v, kx, vx, is_vision, perm, tiles, n_text, segment, tile_segment, key_segment, variant);
   check_rows(out, "out", q);
   check_contiguous(lse, "lse", at::kFloat, {q.size(0), q.size(1), q.size(2)}, q.device());
   p.out = out.data_ptr();
   p.o_st = row_strides(out);
   p.lse = lse.data_ptr<float>();
-  const cudaError_t err = libra::bridged_attn_fwd(p, kernel_dtype(q), int(q.size(3)),
+  const cudaError_t err = libra::bridged_attn_fwd(p, kernel_dtype(q), int(q.size(3)), int(variant),
                                                   c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "bridged attention forward failed to launch: ", cudaGetErrorString(err));
 }
 
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& kx, const at::Tensor& vx, const at::Tensor& is_vision,
-              const std::optional<at::Tensor>& segment, const at::Tensor& out, const at::Tensor& lse,
-              const std::optional<at::Tensor>& grad_lse, const at::Tensor& perm, const at::Tensor& tiles,
-              const at::Tensor& n_text, const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv,
-              const at::Tensor& dkx, const at::Tensor& dvx) {
+              const at::Tensor& kx, const at::Tensor& vx, const at::Tensor& is_vision, const at::Tensor& perm,
+              const at::Tensor& tiles, const at::Tensor& n_text, const std::optional<at::Tensor>& segment,
+              const std::optional<at::Tensor>& tile_segment, const std::optional<at::Tensor>& key_segment,
+              int64_t variant, const at::Tensor& out, const at::Tensor& lse,
+              const std::optional<at::Tensor>& grad_lse, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv, const at::Tensor& dkx, const at::Tensor& dvx) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
-  auto p = make_params(q, k, v, kx, vx, is_vision, segment, perm, tiles, n_text);
+  auto p = make_params(q, k, v, kx, vx, is_vision, perm, tiles, n_text, segment, tile_segment, key_segment, variant);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   check_rows(dout, "grad_out", q);
   check_rows(out, "out", q);
@@ -139,16 +153,18 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   p.dv = dv.data_ptr();
   p.dkx = dkx.data_ptr();
   p.dvx = dvx.data_ptr();
-  const cudaError_t err = libra::bridged_attn_bwd(p, kernel_dtype(q), int(D), c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      libra::bridged_attn_bwd(p, kernel_dtype(q), int(D), int(variant), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "bridged attention backward failed to launch: ", cudaGetErrorString(err));
   dq.copy_(dq_accum);
 }
 
-std::vector<int64_t> block_sizes(int64_t head_dim) {
-  int sizes[4];
-  TORCH_CHECK(libra::bridged_attn_block_sizes(int(head_dim), sizes), "head dim must be 64 or 128, got ",
-              head_dim);
-  return {sizes[0], sizes[1], sizes[2], sizes[3]};
+// The compiled configuration (head_dim, variant), as bridged_attn_config fills it; empty when
+// there is none. libra_lm/kernels/tiles.py checks its own table against this.
+std::vector<int64_t> config(int64_t head_dim, int64_t variant) {
+  int64_t values[8];
+  if (!libra::bridged_attn_config(int(head_dim), int(variant), values)) return {};
+  return std::vector<int64_t>(values, values + 8);
 }
 
 }  // namespace
@@ -157,5 +173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused bridged attention (Libra's cross-modal bridge) without the N x N matrix";
   m.def("forward", &forward, "fill out (B,H,N,D) and lse (B,H,N) fp32");
   m.def("backward", &backward, "fill dq, dk, dv, dk_x, dv_x");
-  m.def("block_sizes", &block_sizes, "(fwd block_m, fwd block_n, bwd block_m, bwd block_n) for a head dim");
+  m.def("config", &config,
+        "(fwd block_m, fwd block_n, fwd warps, bwd block_m, bwd block_n, bwd warps, fwd smem, bwd smem) of a "
+        "(head_dim, variant), empty when not compiled");
 }

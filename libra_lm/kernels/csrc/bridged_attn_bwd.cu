@@ -4,7 +4,10 @@
 // accumulates dK and dV of the view in registers. A key's gradient in the view of its own
 // modality belongs to dk/dv, in the other view to dkx/dvx, so every output row is written
 // exactly once and needs no atomics; dQ is accumulated with fp32 atomics as in
-// FlashAttention-2. libra_lm/kernels/reference.py `tiled_backward` is the same algorithm.
+// FlashAttention-2. The block walks each query tile of the plan (the forward's) in steps of BM
+// queries, and applies the mask only on steps that straddle the causal diagonal, a segment
+// boundary or the tile's end. libra_lm/kernels/reference.py `tiled_backward` is the same
+// algorithm.
 #include <cmath>
 
 #include "bridged_attn.h"
@@ -35,21 +38,24 @@ __global__ void bridged_attn_bwd_delta_kernel(const BridgedAttnParams p) {
   if (lane == 0) p.delta[row] = sum - (p.grad_lse != nullptr ? p.grad_lse[row] : 0.f);
 }
 
+// One block of 8 warps per SM at d = 128 (255 registers, 156 KiB), as FlashAttention-2's backward.
 template <typename T, int D, int BM, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const BridgedAttnParams p) {
+__global__ void __launch_bounds__(NW * 32, 1) bridged_attn_bwd_kernel(const BridgedAttnParams p) {
   static_assert(BN == 16 * NW, "each warp owns 16 key rows");
-  static_assert(D % 16 == 0 && BM % 16 == 0, "tile sizes must be multiples of 16");
+  static_assert(D % 16 == 0 && BM % 16 == 0 && kPlanBlockM % BM == 0, "steps must divide the plan's tiles");
+  static_assert(BN % kKeyGroup == 0, "key blocks are whole key groups");
   using Ops = MmaOps<T>;
   constexpr int LD = D + 8;    // padded rows of the [row][D] tiles
   constexpr int LDP = BM + 8;  // padded rows of the dS^T tile
   constexpr int CPR = D / 8;
   constexpr int NT = NW * 32;
+  constexpr int SUBS = kPlanBlockM / BM;  // steps per plan tile
   // dQ (BM x D) is split into one task per warp: 16 rows x DQ_N columns.
   constexpr int DQ_N = D * (BM / 16) / NW;
   static_assert(DQ_N % 16 == 0 && D % DQ_N == 0, "dQ tasks must be 16-column multiples");
   constexpr int DQ_TASKS = (BM / 16) * (D / DQ_N);
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LIBRA_DYNAMIC_SMEM(smem_raw);
   T* k_s = reinterpret_cast<T*>(smem_raw);  // [BN][LD] key view
   T* v_s = k_s + BN * LD;                   // [BN][LD] value view
   T* q_s = v_s + BN * LD;                   // [2][BM][LD], double buffered
@@ -74,6 +80,7 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
   const int4* tiles = reinterpret_cast<const int4*>(p.tiles) + (int64_t)b * p.T;
   const uint8_t* is_vision = p.is_vision + (int64_t)b * N;
   const int32_t* segment = p.segment ? p.segment + (int64_t)b * N : nullptr;
+  const int32_t* tile_segment = segment != nullptr ? p.tile_segment + (int64_t)b * p.T : nullptr;
   const int64_t bh = (int64_t)b * p.H + h;
   const T* q = static_cast<const T*>(p.q) + b * p.q_st.b + h * p.q_st.h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_st.b + h * p.k_st.h;
@@ -87,35 +94,45 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
   const float sl2 = p.scale_log2;
 
   const int n_text = p.n_text[b];
-  const int tiles_text = (n_text + BM - 1) / BM;
-  const int tiles_vision = (N - n_text + BM - 1) / BM;
+  const int tiles_text = (n_text + kPlanBlockM - 1) / kPlanBlockM;
+  const int tiles_vision = (N - n_text + kPlanBlockM - 1) / kPlanBlockM;
 
-  // Next query tile after `t` (below `t_end`) that can see this key tile; the same answer in
-  // every thread.
-  auto next_tile = [&](int t, int t_end) {
-    for (++t; t < t_end; ++t) {
-      const int4 tile = tiles[t];
-      if (tile.x < tile.y && tile.z < j0 + BN && tile.w > j0) break;
+  // The segment all keys of this block share, or -1 (several, or keys past the sequence).
+  int key_block_seg = -1;
+  if (segment != nullptr && j0 + BN <= N) {
+    const int32_t* key_seg = p.key_segment + (int64_t)b * ((N + kKeyGroup - 1) / kKeyGroup) + j0 / kKeyGroup;
+    key_block_seg = key_seg[0];
+#pragma unroll
+    for (int gi = 1; gi < BN / kKeyGroup; ++gi) key_block_seg = key_seg[gi] == key_block_seg ? key_block_seg : -1;
+  }
+
+  // Steps are (plan tile, BM-query part of it), numbered tile * SUBS + part. Next step after `s`
+  // (below `s_end`) whose queries can see a key of this block; the same answer in every thread.
+  auto next_step = [&](int s, int s_end) {
+    for (++s; s < s_end; ++s) {
+      const int4 tile = tiles[s / SUBS];
+      const int r0 = tile.x + (s % SUBS) * BM;
+      if (r0 >= tile.y || tile.z >= j0 + BN) continue;  // no query left, or all segments start later
+      if (perm[(r0 + BM < tile.y ? r0 + BM : tile.y) - 1] >= j0) break;  // positions ascend: the last sees j0
     }
-    return t;
+    return s;
   };
-  // Gather a query tile's rows of Q and dO (cp.async) and its row data (plain stores,
-  // visible after the next barrier) into buffer `buf`.
-  auto load_query_tile = [&](int t, int buf) {
-    const int4 tile = tiles[t];
+  // Gather a step's rows of Q and dO (cp.async) and its row data (plain stores, visible after
+  // the next barrier) into buffer `buf`.
+  auto load_query_step = [&](int s, int buf) {
+    const int4 tile = tiles[s / SUBS];
+    const int r0 = tile.x + (s % SUBS) * BM;
     T* qd = q_s + buf * BM * LD;
     T* dod = do_s + buf * BM * LD;
     for (int c = tid; c < BM * CPR; c += NT) {
       const int r = c / CPR, col = (c % CPR) * 8;
-      const int s = tile.x + r;
-      const bool ok = s < tile.y;
-      const int pos = ok ? perm[s] : 0;
+      const bool ok = r0 + r < tile.y;
+      const int pos = ok ? perm[r0 + r] : 0;
       cp_async_16(qd + r * LD + col, q + pos * p.q_st.n + col, ok);
       cp_async_16(dod + r * LD + col, dout + pos * p.do_st.n + col, ok);
     }
     for (int r = tid; r < BM; r += NT) {
-      const int s = tile.x + r;
-      const int pos = s < tile.y ? perm[s] : -1;
+      const int pos = r0 + r < tile.y ? perm[r0 + r] : -1;
       qpos_s[buf * BM + r] = pos;
       qseg_s[buf * BM + r] = (segment != nullptr && pos >= 0) ? segment[pos] : 0;
       lse_s[buf * BM + r] = pos >= 0 ? lse[pos] * kLog2e : 0.f;
@@ -132,16 +149,16 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
   }
 
   for (int view = 0; view < 2; ++view) {  // text queries, then vision queries
-    const int t_begin = view == 0 ? 0 : tiles_text;
-    const int t_end = view == 0 ? tiles_text : tiles_text + tiles_vision;
+    const int s_begin = (view == 0 ? 0 : tiles_text) * SUBS;
+    const int s_end = (view == 0 ? tiles_text : tiles_text + tiles_vision) * SUBS;
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk_acc[nd][e] = dv_acc[nd][e] = 0.f;
 
-    int t = next_tile(t_begin - 1, t_end);
-    if (t < t_end) {
+    int s = next_step(s_begin - 1, s_end);
+    if (s < s_end) {
       // Key row j of this view: k/v when its modality is the view's, else kx/vx.
       for (int c = tid; c < BN * CPR; c += NT) {
         const int r = c / CPR, col = (c % CPR) * 8;
@@ -154,14 +171,14 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
         cp_async_16(k_s + r * LD + col, ksrc + col, ok);
         cp_async_16(v_s + r * LD + col, vsrc + col, ok);
       }
-      load_query_tile(t, 0);
+      load_query_step(s, 0);
       cp_async_commit();
     }
 
-    for (int buf = 0; t < t_end; buf ^= 1) {
-      const int t_next = next_tile(t, t_end);
-      if (t_next < t_end) {
-        load_query_tile(t_next, buf ^ 1);  // prefetch while this tile computes
+    for (int buf = 0; s < s_end; buf ^= 1) {
+      const int s_next = next_step(s, s_end);
+      if (s_next < s_end) {
+        load_query_step(s_next, buf ^ 1);  // prefetch while this step computes
         cp_async_commit();
         cp_async_wait<1>();
       } else {
@@ -174,6 +191,19 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
       const float* delta_t = delta_s + buf * BM;
       const int* qpos_t = qpos_s + buf * BM;
       const int* qseg_t = qseg_s + buf * BM;
+
+      // The mask is needed when the step has padding rows, when a key lies past the step's
+      // first query, or (with segments) when keys and queries are not all of one segment.
+      bool need_mask;
+      {
+        const int4 tile = tiles[s / SUBS];
+        const int r0 = tile.x + (s % SUBS) * BM;
+        need_mask = r0 + BM > tile.y || j0 + BN - 1 > perm[r0];
+        if (!need_mask && segment != nullptr) {
+          const int ts = tile_segment[s / SUBS];
+          need_mask = ts < 0 || ts != key_block_seg;
+        }
+      }
 
       // S^T = K Q^T and dP^T = V dO^T: rows are this warp's 16 keys, columns the BM queries.
       float st[BM / 8][4], dpt[BM / 8][4];
@@ -199,17 +229,29 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
       }
 
       // P^T = exp(S^T * scale - lse) where visible, dS^T = P^T * (dP^T - delta).
+      if (need_mask) {
 #pragma unroll
-      for (int nb = 0; nb < BM / 8; ++nb)
+        for (int nb = 0; nb < BM / 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1;
-          const int c = nb * 8 + 2 * t4 + (e & 1);
-          const bool ok = key_j[i] <= qpos_t[c] && (segment == nullptr || key_seg[i] == qseg_t[c]);
-          const float pr = ok ? exp2f(fmaf(st[nb][e], sl2, -lse_t[c])) : 0.f;
-          dpt[nb][e] = pr * (dpt[nb][e] - delta_t[c]);
-          st[nb][e] = pr;
-        }
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1;
+            const int c = nb * 8 + 2 * t4 + (e & 1);
+            const bool ok = key_j[i] <= qpos_t[c] && (segment == nullptr || key_seg[i] == qseg_t[c]);
+            const float pr = ok ? exp2f(fmaf(st[nb][e], sl2, -lse_t[c])) : 0.f;
+            dpt[nb][e] = pr * (dpt[nb][e] - delta_t[c]);
+            st[nb][e] = pr;
+          }
+      } else {
+#pragma unroll
+        for (int nb = 0; nb < BM / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = nb * 8 + 2 * t4 + (e & 1);
+            const float pr = exp2f(fmaf(st[nb][e], sl2, -lse_t[c]));
+            dpt[nb][e] = pr * (dpt[nb][e] - delta_t[c]);
+            st[nb][e] = pr;
+          }
+      }
 
       // dV += P^T dO and dK += dS^T Q: A operands straight from registers, k runs over queries.
 #pragma unroll
@@ -241,7 +283,7 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
       }
       __syncthreads();  // dS^T complete
 
-      // dQ = dS K for the tile's queries, added to their original rows.
+      // dQ = dS K for the step's queries, added to their original rows.
       for (int task = warp; task < DQ_TASKS; task += NW) {
         const int rb = task % (BM / 16), ch = task / (BM / 16);
         float dq[DQ_N / 8][4];
@@ -274,7 +316,7 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
         }
       }
       __syncthreads();  // this buffer, ds_s and the row data are refilled next
-      t = t_next;
+      s = s_next;
     }
 
     // Write this view's dK, dV: to dk/dv for keys of the view's modality, else to dkx/dvx.
@@ -292,45 +334,47 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_bwd_kernel(const Bridged
         *reinterpret_cast<uint32_t*>(dv_row + nd * 8) = Ops::pack(dv_acc[nd][2 * i], dv_acc[nd][2 * i + 1]);
       }
     }
-    // k_s and v_s are refilled by the next view only after the last tile's closing barrier
-    // (and when this view had no tile, nothing read them).
+    // k_s and v_s are refilled by the next view only after the last step's closing barrier
+    // (and when this view had no step, nothing read them).
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int V>
 cudaError_t launch_bwd(const BridgedAttnParams& p, cudaStream_t stream) {
-  using Tile = BwdTile<D>;
-  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NW = Tile::kWarps;
+  using Config = KernelConfig<D, V>;
+  constexpr int BM = Config::kBwdBlockM, BN = Config::kBwdBlockN, NW = BN / 16;
 
   const int64_t rows = int64_t(p.B) * p.H * p.N;
   const int64_t delta_blocks = (rows + 7) / 8;
-  bridged_attn_bwd_delta_kernel<T, D><<<dim3(unsigned(delta_blocks)), 256, 0, stream>>>(p);
+  auto delta_kernel = bridged_attn_bwd_delta_kernel<T, D>;
+  LIBRA_LAUNCH(delta_kernel, dim3(unsigned(delta_blocks)), 256, 0, stream)(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  const size_t smem = size_t(2 * BN + 4 * BM) * (D + 8) * sizeof(T) + size_t(BN) * (BM + 8) * sizeof(T) +
-                      size_t(2 * BM) * (2 * sizeof(float) + 2 * sizeof(int));
+  const size_t smem = bwd_smem_bytes(D, BM, BN);
   auto kernel = bridged_attn_bwd_kernel<T, D, BM, BN, NW>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.N + BN - 1) / BN, p.H, p.B);
-  kernel<<<grid, NW * 32, smem, stream>>>(p);
+  LIBRA_LAUNCH(kernel, grid, NW * 32, smem, stream)(p);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_bwd(const BridgedAttnParams& p, int head_dim, int variant, cudaStream_t stream) {
+#define LIBRA_LAUNCH_IF(D_, V_) \
+  if (head_dim == D_ && variant == V_) return launch_bwd<T, D_, V_>(p, stream);
+  LIBRA_FOR_EACH_CONFIG(LIBRA_LAUNCH_IF)
+#undef LIBRA_LAUNCH_IF
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t bridged_attn_bwd(const BridgedAttnParams& p, DType dtype, int head_dim, cudaStream_t stream) {
+cudaError_t bridged_attn_bwd(const BridgedAttnParams& p, DType dtype, int head_dim, int variant, cudaStream_t stream) {
   if (p.B == 0 || p.H == 0 || p.N == 0) return cudaSuccess;
-  const bool bf16 = dtype == DType::kBFloat16;
-  switch (head_dim) {
-    case 64:
-      return bf16 ? launch_bwd<__nv_bfloat16, 64>(p, stream) : launch_bwd<__half, 64>(p, stream);
-    case 128:
-      return bf16 ? launch_bwd<__nv_bfloat16, 128>(p, stream) : launch_bwd<__half, 128>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dtype == DType::kBFloat16 ? dispatch_bwd<__nv_bfloat16>(p, head_dim, variant, stream)
+                                   : dispatch_bwd<__half>(p, head_dim, variant, stream);
 }
 
 }  // namespace libra

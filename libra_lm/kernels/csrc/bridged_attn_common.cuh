@@ -8,7 +8,19 @@
 // Two C tiles side by side (columns 0-7 and 8-15) hold exactly the A fragment of a 16x16
 // operand, which is how the probabilities P (and dS) go from one product to the next without
 // leaving registers.
+//
+// The same sources also compile for the CPU: with LIBRA_EMULATION defined (the emulator of
+// libra_lm/kernels/emu, used by the tests) each inline-assembly helper below calls the
+// emulated instruction instead, and the two spellings that are not C++ (a kernel launch, the
+// block's dynamic shared memory) go through the macros LIBRA_LAUNCH and LIBRA_DYNAMIC_SMEM.
 #pragma once
+
+#ifdef LIBRA_EMULATION
+#include "cuda_emu.h"
+#else
+#define LIBRA_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#define LIBRA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,11 +36,15 @@ template <>
 struct MmaOps<__nv_bfloat16> {
   // c += a * b on the tensor cores, fp32 accumulation.
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef LIBRA_EMULATION
+    libra_emu::mma_m16n8k16_bf16(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   // Two floats to one register: `lo` in the low 16 bits (the lower column index).
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -41,11 +57,15 @@ struct MmaOps<__nv_bfloat16> {
 template <>
 struct MmaOps<__half> {
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef LIBRA_EMULATION
+    libra_emu::mma_m16n8k16_f16(c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -54,23 +74,33 @@ struct MmaOps<__half> {
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 };
 
+#ifndef LIBRA_EMULATION
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // Four 8x8 b16 matrices; lane l gives the address of row (l % 8) of matrix (l / 8) and
 // receives, in register i, row (l / 4), columns 2(l % 4)..+1 of matrix i.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+#ifdef LIBRA_EMULATION
+  libra_emu::ldmatrix_x4(r, p, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // Same, transposed: register i holds rows 2(l % 4)..+1, column (l / 4) of matrix i.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+#ifdef LIBRA_EMULATION
+  libra_emu::ldmatrix_x4(r, p, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+#endif
 }
 
 // 16-byte global -> shared copy that bypasses registers; when `pred` is false nothing is read
@@ -78,15 +108,29 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // probability of 0 times a NaN left in shared memory would still be NaN).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool pred) {
   const int src_bytes = pred ? 16 : 0;
+#ifdef LIBRA_EMULATION
+  libra_emu::cp_async(smem, gmem, 16, src_bytes);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "r"(src_bytes));
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef LIBRA_EMULATION
+  libra_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#ifdef LIBRA_EMULATION
+  libra_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 __device__ __forceinline__ float quad_max(float x) {

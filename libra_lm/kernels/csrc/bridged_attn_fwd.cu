@@ -1,6 +1,11 @@
 // Bridged attention forward: one thread block per query tile of one modality, online softmax
 // over the key/value view that modality needs, log-sum-exp written for the backward.
 // libra_lm/kernels/reference.py `tiled_forward` is the same algorithm step by step.
+//
+// Each warp owns 32 query rows as two 16-row MMA tiles (as FlashAttention-2's forward), so every
+// K and V fragment read from shared memory feeds two mma.sync: 0.31 ldmatrix.x4 per MMA instead
+// of 0.56 with one tile per warp. The mask is applied only on key steps that reach past the
+// tile's first query or cross a segment boundary.
 #include <cmath>
 
 #include "bridged_attn.h"
@@ -9,16 +14,19 @@
 namespace libra {
 namespace {
 
+// Two blocks per SM: 4 warps x 255 registers each, and 2 x 102 KiB of shared memory on sm_90
+// (libra_lm/kernels/README.md has the ptxas reports).
 template <typename T, int D, int BM, int BN, int NW>
-__global__ void __launch_bounds__(NW * 32) bridged_attn_fwd_kernel(const BridgedAttnParams p) {
-  static_assert(BM == 16 * NW, "each warp owns 16 query rows");
-  static_assert(D % 16 == 0 && BN % 16 == 0, "tile sizes must be multiples of 16");
+__global__ void __launch_bounds__(NW * 32, 2) bridged_attn_fwd_kernel(const BridgedAttnParams p) {
+  constexpr int MT = 2;  // 16-row MMA tiles per warp
+  static_assert(BM == 16 * MT * NW, "each warp owns 32 query rows");
+  static_assert(D % 16 == 0 && BN % kKeyGroup == 0, "tile sizes must be multiples of 16 and of the key group");
   using Ops = MmaOps<T>;
   constexpr int LD = D + 8;   // padded row: ldmatrix row addresses fall in distinct banks
   constexpr int CPR = D / 8;  // 16-byte chunks per row
   constexpr int NT = NW * 32;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LIBRA_DYNAMIC_SMEM(smem_raw);
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [BM][LD]
   T* k_s = q_s + BM * LD;                   // [2][BN][LD], double buffered
   T* v_s = k_s + 2 * BN * LD;               // [2][BN][LD]
@@ -71,24 +79,33 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_fwd_kernel(const Bridged
     }
   };
 
-  // This thread's two query rows (g and g + 8 of the warp's 16): position (-1 past the tile)
-  // and segment label.
-  int row_pos[2], row_seg[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int s = q_start + warp * 16 + g + 8 * i;
-    row_pos[i] = s < q_end ? perm[s] : -1;
-    row_seg[i] = (segment != nullptr && row_pos[i] >= 0) ? segment[row_pos[i]] : 0;
-  }
+  // Position of this thread's query row i (g and g + 8 of each of the warp's two 16-row
+  // tiles), -1 past the tile. Read again where needed (masked steps, the end) rather than held:
+  // the forward is short of registers.
+  auto row_position = [&](int mt, int i) {
+    const int s = q_start + warp * 32 + mt * 16 + g + 8 * i;
+    return s < q_end ? perm[s] : -1;
+  };
   const int min_pos = perm[q_start];  // positions ascend inside a tile
+  // The segment all the tile's queries share (-1: several), and the key groups' labels.
+  const int tile_seg = segment != nullptr ? p.tile_segment[(int64_t)b * p.T + tile_idx] : 0;
+  const int32_t* key_seg = segment != nullptr ? p.key_segment + (int64_t)b * ((N + kKeyGroup - 1) / kKeyGroup) : nullptr;
 
-  float acc[D / 8][4];
+  float acc[MT][D / 8][4];
 #pragma unroll
-  for (int nd = 0; nd < D / 8; ++nd)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[nd][e] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max of the raw scores
-  float l_run[2] = {0.f, 0.f};              // this thread's part of the row sums
+    for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nd][e] = 0.f;
+  float m_run[MT][2], l_run[MT][2];  // running max of the raw scores; this thread's part of the row sums
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      m_run[mt][i] = -INFINITY;
+      l_run[mt][i] = 0.f;
+    }
   const float sl2 = p.scale_log2;
 
   const int kb_begin = key_lo / BN;
@@ -109,83 +126,110 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_fwd_kernel(const Bridged
     const T* kt = k_s + buf * BN * LD;
     const T* vt = v_s + buf * BN * LD;
 
-    // S = Q K^T for this warp's 16 rows.
-    float s[BN / 8][4];
+    // S = Q K^T for this warp's 32 rows: each K fragment feeds both row tiles.
+    float s[MT][BN / 8][4];
 #pragma unroll
-    for (int nb = 0; nb < BN / 8; ++nb)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
+      for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nb][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, a_frag_ptr(q_s, LD, warp * 16, kk * 16, lane));
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], a_frag_ptr(q_s, LD, warp * 32 + mt * 16, kk * 16, lane));
 #pragma unroll
       for (int nb2 = 0; nb2 < BN / 16; ++nb2) {
         uint32_t bf[4];
         ldmatrix_x4(bf, b_frag_ptr_nk(kt, LD, nb2 * 16, kk * 16, lane));
-        Ops::mma(s[2 * nb2], a, bf[0], bf[1]);
-        Ops::mma(s[2 * nb2 + 1], a, bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Ops::mma(s[mt][2 * nb2], a[mt], bf[0], bf[1]);
+          Ops::mma(s[mt][2 * nb2 + 1], a[mt], bf[2], bf[3]);
+        }
       }
     }
 
-    // Causal mask by original position, and the segment mask. A step needs neither when all
-    // its keys precede the tile's first query and there are no segments.
-    const bool need_mask = segment != nullptr || kb * BN + BN - 1 > min_pos;
+    // Causal mask by original position, and the segment mask, on steps that need them: keys
+    // past the tile's first query, or (with segments) not all in the one segment of all the
+    // tile's queries. The decision is the same in every thread.
+    bool need_mask = kb * BN + BN - 1 > min_pos;
+    if (!need_mask && segment != nullptr) {
+      need_mask = tile_seg < 0;
+#pragma unroll
+      for (int gi = 0; gi < BN / kKeyGroup; ++gi) need_mask = need_mask || key_seg[kb * (BN / kKeyGroup) + gi] != tile_seg;
+    }
     if (need_mask) {
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1;
-          const int j = kb * BN + nb * 8 + 2 * t4 + (e & 1);
-          const bool ok = j <= row_pos[i] && (segment == nullptr || segment[j] == row_seg[i]);
-          if (!ok) s[nb][e] = -INFINITY;
+        for (int i = 0; i < 2; ++i) {
+          const int pos = row_position(mt, i);
+          const int seg = (segment != nullptr && pos >= 0) ? segment[pos] : 0;
+#pragma unroll
+          for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int e = 2 * i; e < 2 * i + 2; ++e) {
+              const int j = kb * BN + nb * 8 + 2 * t4 + (e & 1);
+              const bool ok = j <= pos && (segment == nullptr || segment[j] == seg);
+              if (!ok) s[mt][nb][e] = -INFINITY;
+            }
         }
     }
 
     // Online softmax (base 2). A row with no visible key yet keeps max -inf; it is shifted
     // by 0 instead so that exp2 gives 0 and never NaN.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      float mx = m_run[i];
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * i], s[nb][2 * i + 1]));
-      mx = quad_max(mx);
-      const float m_use = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f((m_run[i] - m_use) * sl2);
-      const float m_scaled = m_use * sl2;
-      m_run[i] = mx;
-      float row_sum = 0.f;
+      for (int i = 0; i < 2; ++i) {
+        float mx = m_run[mt][i];
 #pragma unroll
-      for (int nb = 0; nb < BN / 8; ++nb) {
-        const float p0 = exp2f(fmaf(s[nb][2 * i], sl2, -m_scaled));
-        const float p1 = exp2f(fmaf(s[nb][2 * i + 1], sl2, -m_scaled));
-        s[nb][2 * i] = p0;
-        s[nb][2 * i + 1] = p1;
-        row_sum += p0 + p1;
+        for (int nb = 0; nb < BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * i], s[mt][nb][2 * i + 1]));
+        mx = quad_max(mx);
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        const float alpha = exp2f((m_run[mt][i] - m_use) * sl2);
+        const float m_scaled = m_use * sl2;
+        m_run[mt][i] = mx;
+        float row_sum = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+          const float p0 = exp2f(fmaf(s[mt][nb][2 * i], sl2, -m_scaled));
+          const float p1 = exp2f(fmaf(s[mt][nb][2 * i + 1], sl2, -m_scaled));
+          s[mt][nb][2 * i] = p0;
+          s[mt][nb][2 * i + 1] = p1;
+          row_sum += p0 + p1;
+        }
+        l_run[mt][i] = l_run[mt][i] * alpha + row_sum;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+          acc[mt][nd][2 * i] *= alpha;
+          acc[mt][nd][2 * i + 1] *= alpha;
+        }
       }
-      l_run[i] = l_run[i] * alpha + row_sum;
-#pragma unroll
-      for (int nd = 0; nd < D / 8; ++nd) {
-        acc[nd][2 * i] *= alpha;
-        acc[nd][2 * i + 1] *= alpha;
-      }
-    }
 
-    // O += P V, P straight from the score registers (rounded to the input type).
+    // O += P V, P straight from the score registers (rounded to the input type); each V
+    // fragment feeds both row tiles.
 #pragma unroll
     for (int kc = 0; kc < BN / 16; ++kc) {
-      uint32_t a[4];
-      a[0] = Ops::pack(s[2 * kc][0], s[2 * kc][1]);
-      a[1] = Ops::pack(s[2 * kc][2], s[2 * kc][3]);
-      a[2] = Ops::pack(s[2 * kc + 1][0], s[2 * kc + 1][1]);
-      a[3] = Ops::pack(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Ops::pack(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+        a[mt][1] = Ops::pack(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+        a[mt][2] = Ops::pack(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+        a[mt][3] = Ops::pack(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+      }
 #pragma unroll
       for (int nd2 = 0; nd2 < D / 16; ++nd2) {
         uint32_t bf[4];
         ldmatrix_x4_trans(bf, b_frag_ptr_kn(vt, LD, kc * 16, nd2 * 16, lane));
-        Ops::mma(acc[2 * nd2], a, bf[0], bf[1]);
-        Ops::mma(acc[2 * nd2 + 1], a, bf[2], bf[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Ops::mma(acc[mt][2 * nd2], a[mt], bf[0], bf[1]);
+          Ops::mma(acc[mt][2 * nd2 + 1], a[mt], bf[2], bf[3]);
+        }
       }
     }
     __syncthreads();  // the buffer is refilled two steps later
@@ -195,61 +239,68 @@ __global__ void __launch_bounds__(NW * 32) bridged_attn_fwd_kernel(const Bridged
   T* o = static_cast<T*>(p.out) + b * p.o_st.b + h * p.o_st.h;
   float* lse = p.lse + ((int64_t)b * p.H + h) * N;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float l = quad_sum(l_run[i]);
-    const int pos = row_pos[i];
-    if (pos < 0) continue;
-    const float inv = 1.f / l;  // l >= 1: a query always sees itself
-    T* orow = o + pos * p.o_st.n;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) = Ops::pack(acc[nd][2 * i] * inv, acc[nd][2 * i + 1] * inv);
+    for (int i = 0; i < 2; ++i) {
+      const float l = quad_sum(l_run[mt][i]);
+      const int pos = row_position(mt, i);
+      if (pos < 0) continue;
+      const float inv = 1.f / l;  // l >= 1: a query always sees itself
+      T* orow = o + pos * p.o_st.n;
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        *reinterpret_cast<uint32_t*>(orow + nd * 8 + 2 * t4) =
+            Ops::pack(acc[mt][nd][2 * i] * inv, acc[mt][nd][2 * i + 1] * inv);
+      }
+      if (t4 == 0) lse[pos] = m_run[mt][i] * p.scale + logf(l);
     }
-    if (t4 == 0) lse[pos] = m_run[i] * p.scale + logf(l);
-  }
 }
 
-template <typename T, int D>
+template <typename T, int D, int V>
 cudaError_t launch_fwd(const BridgedAttnParams& p, cudaStream_t stream) {
-  using Tile = FwdTile<D>;
-  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NW = Tile::kWarps;
-  const size_t smem = size_t(BM + 4 * BN) * (D + 8) * sizeof(T);
+  using Config = KernelConfig<D, V>;
+  constexpr int BM = kPlanBlockM, BN = Config::kFwdBlockN, NW = Config::kFwdWarps;
+  const size_t smem = fwd_smem_bytes(D, BN);
   auto kernel = bridged_attn_fwd_kernel<T, D, BM, BN, NW>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(p.T, p.H, p.B);
-  kernel<<<grid, NW * 32, smem, stream>>>(p);
+  LIBRA_LAUNCH(kernel, grid, NW * 32, smem, stream)(p);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_fwd(const BridgedAttnParams& p, int head_dim, int variant, cudaStream_t stream) {
+#define LIBRA_LAUNCH_IF(D_, V_) \
+  if (head_dim == D_ && variant == V_) return launch_fwd<T, D_, V_>(p, stream);
+  LIBRA_FOR_EACH_CONFIG(LIBRA_LAUNCH_IF)
+#undef LIBRA_LAUNCH_IF
+  return cudaErrorInvalidValue;
+}
+
+template <int D, int V>
+void config_of(int64_t out[8]) {
+  using C = KernelConfig<D, V>;
+  const int64_t values[8] = {kPlanBlockM, C::kFwdBlockN, C::kFwdWarps, C::kBwdBlockM, C::kBwdBlockN,
+                             C::kBwdBlockN / 16, int64_t(fwd_smem_bytes(D, C::kFwdBlockN)),
+                             int64_t(bwd_smem_bytes(D, C::kBwdBlockM, C::kBwdBlockN))};
+  for (int i = 0; i < 8; ++i) out[i] = values[i];
 }
 
 }  // namespace
 
-cudaError_t bridged_attn_fwd(const BridgedAttnParams& p, DType dtype, int head_dim, cudaStream_t stream) {
+cudaError_t bridged_attn_fwd(const BridgedAttnParams& p, DType dtype, int head_dim, int variant, cudaStream_t stream) {
   if (p.B == 0 || p.H == 0 || p.N == 0) return cudaSuccess;
-  const bool bf16 = dtype == DType::kBFloat16;
-  switch (head_dim) {
-    case 64:
-      return bf16 ? launch_fwd<__nv_bfloat16, 64>(p, stream) : launch_fwd<__half, 64>(p, stream);
-    case 128:
-      return bf16 ? launch_fwd<__nv_bfloat16, 128>(p, stream) : launch_fwd<__half, 128>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return dtype == DType::kBFloat16 ? dispatch_fwd<__nv_bfloat16>(p, head_dim, variant, stream)
+                                   : dispatch_fwd<__half>(p, head_dim, variant, stream);
 }
 
-bool bridged_attn_block_sizes(int head_dim, int sizes[4]) {
-  switch (head_dim) {
-    case 64:
-      sizes[0] = FwdTile<64>::kBlockM, sizes[1] = FwdTile<64>::kBlockN;
-      sizes[2] = BwdTile<64>::kBlockM, sizes[3] = BwdTile<64>::kBlockN;
-      return true;
-    case 128:
-      sizes[0] = FwdTile<128>::kBlockM, sizes[1] = FwdTile<128>::kBlockN;
-      sizes[2] = BwdTile<128>::kBlockM, sizes[3] = BwdTile<128>::kBlockN;
-      return true;
-    default:
-      return false;
-  }
+bool bridged_attn_config(int head_dim, int variant, int64_t out[8]) {
+#define LIBRA_CONFIG_IF(D_, V_) \
+  if (head_dim == D_ && variant == V_) return config_of<D_, V_>(out), true;
+  LIBRA_FOR_EACH_CONFIG(LIBRA_CONFIG_IF)
+#undef LIBRA_CONFIG_IF
+  return false;
 }
 
 }  // namespace libra
