@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .config import CLIP_MEAN, CLIP_STD
+from .jsonl import iter_json_lines
 from .preprocess import normalize, preprocess_image, to_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -129,12 +130,8 @@ def _caption_table(folder: Path) -> dict[str, str]:
     rows: list[dict] = []
     jsonl, csv_path = folder / "captions.jsonl", folder / "captions.csv"
     if jsonl.is_file():
-        for n, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{jsonl}:{n}: not a JSON object ({exc.msg})") from None
+        rows = [row for _, row in iter_json_lines(jsonl, "objects with file|image|path|file_name and "
+                                                         "caption|text|alt|prompt")]
     elif csv_path.is_file():
         import csv
 

@@ -224,7 +224,7 @@ def test_question_files(tmp_path):
     with pytest.raises(ValueError, match=r"q.jsonl:1: a question needs \"image\" \(a file name\) and \"text\""):
         read_questions(path)
     path.write_text('{"image": "a.png", "text": "x"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"q.jsonl:2: not a JSON line"):
+    with pytest.raises(ValueError, match=r"q.jsonl:2: not a JSON object"):
         read_questions(path)
 
 

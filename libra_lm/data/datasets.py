@@ -39,19 +39,22 @@ class _TextTokenizerMixin:
         return state
 
 
-class PretrainDataset(_TextTokenizerMixin, Dataset):
-    """Image-caption pairs of shards -> pretraining examples. Samples without a caption are
-    left out (listed in `skipped`). Items are addressed by position or by a (position, seed)
-    key as the trainer's keyed batch sampler yields them."""
+class CaptionedShards(_TextTokenizerMixin, Dataset):
+    """The image-caption pairs of shards, one example per captioned sample (captions lowercased,
+    at most `max_words` words); samples without a caption are left out and listed in `skipped`.
+    Items are addressed by position or by a (position, seed) key as the trainer's keyed batch
+    sampler yields them. Subclasses turn a pair into an example (`example`) and name what the
+    pairs are for (`purpose`, in the error when there are none)."""
+
+    purpose = "training"
 
     def __init__(self, images: ShardImages, text_tokenizer_path: str | Path, config: LibraConfig, *,
-                 max_length: int | None = 700, max_words: int = 64, eos: bool = False,
-                 indices: Sequence[int] | None = None):
+                 max_length: int | None = 700, max_words: int = 64, indices: Sequence[int] | None = None):
         check_images_fit(images, config)
         self.images = images
         self.text_tokenizer_path = str(text_tokenizer_path)
         self.config = config
-        self.max_length, self.max_words, self.eos = max_length, max_words, eos
+        self.max_length, self.max_words = max_length, max_words
         candidates = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
         keep = images.captioned[candidates]
         self.indices = candidates[keep]
@@ -61,8 +64,8 @@ class PretrainDataset(_TextTokenizerMixin, Dataset):
         if not len(self.indices):
             raise ValueError(
                 f"none of the {len(candidates)} shard samples in {', '.join(images.folders)} has a caption; "
-                "pretraining needs image-caption pairs: give `libra-tok encode` images with sidecar .txt files, a "
-                "captions.jsonl/.csv in the folder, or tar shards with .txt/.json members"
+                f"{self.purpose} needs image-caption pairs: give `libra-tok encode` images with sidecar .txt files, "
+                "a captions.jsonl/.csv in the folder, or tar shards with .txt/.json members"
             )
         check_text_tokenizer(self.text_tokenizer, config)
 
@@ -72,7 +75,26 @@ class PretrainDataset(_TextTokenizerMixin, Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Example:
         position = key[0] if isinstance(key, tuple) else key
         index = int(self.indices[position])
-        caption = preprocess_caption(self.images.meta(index)["caption"], self.max_words)
+        return self.example(index, preprocess_caption(self.images.meta(index)["caption"], self.max_words))
+
+    def example(self, index: int, caption: str) -> Example:
+        raise NotImplementedError
+
+
+class PretrainDataset(CaptionedShards):
+    """Image-caption pairs of shards -> pretraining examples (image first, then the caption;
+    libra_lm.data.captions). `eos`: end captions with EOS (the official pretraining does not)."""
+
+    purpose = "pretraining"
+
+    def __init__(self, images: ShardImages, text_tokenizer_path: str | Path, config: LibraConfig, *,
+                 max_length: int | None = 700, max_words: int = 64, eos: bool = False,
+                 indices: Sequence[int] | None = None):
+        self.eos = eos
+        super().__init__(images, text_tokenizer_path, config, max_length=max_length, max_words=max_words,
+                         indices=indices)
+
+    def example(self, index: int, caption: str) -> Example:
         return pretrain_example(self.images.ids(index), caption, self.text_tokenizer, self.config,
                                 image=self.images.image(index), eos=self.eos, max_length=self.max_length)
 
@@ -132,4 +154,4 @@ class InstructionDataset(_TextTokenizerMixin, Dataset):
                                     max_length=self.max_length)
 
 
-__all__ = ["PretrainDataset", "InstructionDataset", "MAX_LISTED"]
+__all__ = ["CaptionedShards", "PretrainDataset", "InstructionDataset", "MAX_LISTED"]

@@ -20,17 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from .. import templates
 from ..config import LibraConfig
 from ..model import IGNORE_INDEX
 from ..segments import image_segment
-from ..text import check_text_tokenizer
-from .captions import preprocess_caption
-from .datasets import MAX_LISTED, _TextTokenizerMixin
+from .datasets import CaptionedShards
 from .examples import Example, as_ids, assemble, masked
-from .images import ShardImages, check_images_fit
+from .images import ShardImages
 
 
 def t2i_parts(caption: str) -> list[templates.Part]:
@@ -66,41 +63,21 @@ def t2i_example(
     return assemble(pieces, [(2, (None, None))])
 
 
-class T2IDataset(_TextTokenizerMixin, Dataset):
+class T2IDataset(CaptionedShards):
     """Image-caption pairs of shards -> text-to-image examples (captions processed as in
-    pretraining: lowercase, at most `max_words` words). Samples without a caption are left out
-    and listed in `skipped`. Items are addressed by position or by a (position, seed) key."""
+    pretraining). `max_length` must hold BOS, the newline and the whole image."""
+
+    purpose = "text-to-image training"
 
     def __init__(self, images: ShardImages, text_tokenizer_path: str | Path, config: LibraConfig, *,
                  max_length: int | None = 700, max_words: int = 64, indices: Sequence[int] | None = None):
-        check_images_fit(images, config)
         if max_length is not None and max_length < config.image_length + 2:
             raise ValueError(f"max_length {max_length} cannot hold a text-to-image sequence (BOS, the newline and "
                              f"{config.image_length} image tokens, before any caption); raise --max-length")
-        self.images = images
-        self.text_tokenizer_path = str(text_tokenizer_path)
-        self.config = config
-        self.max_length, self.max_words = max_length, max_words
-        candidates = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
-        keep = images.captioned[candidates]
-        self.indices = candidates[keep]
-        self.num_skipped = int((~keep).sum())
-        self.skipped = {images.name(int(i)): "no caption" for i in candidates[~keep][:MAX_LISTED]}
-        if not len(self.indices):
-            raise ValueError(
-                f"none of the {len(candidates)} shard samples in {', '.join(images.folders)} has a caption; "
-                "text-to-image training needs image-caption pairs: give `libra-tok encode` images with sidecar .txt "
-                "files, a captions.jsonl/.csv in the folder, or tar shards with .txt/.json members"
-            )
-        check_text_tokenizer(self.text_tokenizer, config)
+        super().__init__(images, text_tokenizer_path, config, max_length=max_length, max_words=max_words,
+                         indices=indices)
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, key: int | tuple[int, int]) -> Example:
-        position = key[0] if isinstance(key, tuple) else key
-        index = int(self.indices[position])
-        caption = preprocess_caption(self.images.meta(index)["caption"], self.max_words)
+    def example(self, index: int, caption: str) -> Example:
         return t2i_example(self.images.ids(index), caption, self.text_tokenizer, self.config,
                            max_length=self.max_length)
 

@@ -3,10 +3,10 @@ trains on (`libra-lm train-text-tokenizer`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from libra_tok.jsonl import iter_json_lines
 from libra_tok.shards import open_shards
 
 from .conversations import IMAGE_TAG, records_of
@@ -27,15 +27,9 @@ def iter_texts(sources: Iterable[str | Path]) -> Iterator[str]:
                     if isinstance(turn, dict) and isinstance(turn.get("value"), str):
                         yield turn["value"].replace(IMAGE_TAG, "").strip()
         elif path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
+            for _, row in iter_json_lines(path, "objects with caption|text|alt|prompt"):
                 for key in ("caption", "text", "alt", "prompt"):
-                    if isinstance(row, dict) and isinstance(row.get(key), str):
+                    if isinstance(row.get(key), str):
                         yield row[key]
                         break
         elif path.is_file():

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from libra_tok.jsonl import iter_json_lines
+
 
 class BenchmarkFileError(ValueError):
     """A benchmark or answers file that is missing pieces or has another format."""
@@ -69,19 +71,7 @@ def read_json(path: Path, expected: str) -> Any:
 def read_jsonl(path: Path, expected: str) -> list[dict[str, Any]]:
     """A JSON-lines file of objects (blank lines skipped)."""
     require_file(path, "benchmark file")
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkFileError(f"{path} line {n} is not JSON ({exc}); expected {expected}") from None
-            if not isinstance(row, dict):
-                raise BenchmarkFileError(f"{path} line {n} is not a JSON object; expected {expected}")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_json_lines(path, expected, BenchmarkFileError)]
 
 
 def read_table(path: Path, expected: str, delimiter: str = ",") -> list[dict[str, str]]:

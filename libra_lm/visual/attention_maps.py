@@ -34,7 +34,6 @@ at the end).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from libra_tok.fileio import atomic_write_json, check_output_folder
+from libra_tok.jsonl import iter_json_lines
 from libra_tok.preprocess import to_pil
 
 from ..generate import build_prompt, collate_prompts
@@ -247,27 +247,20 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     optional. The first `limit` questions."""
     path = Path(path)
     questions = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            text = record.get("text", record.get("question"))
-            if not isinstance(record.get("image"), str) or not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: a question needs \"image\" (a file name) and \"text\" or "
-                                 "\"question\" (strings)")
-            answer = record.get("answer")
-            if answer is not None and not (isinstance(answer, str) and answer.strip()):
-                raise ValueError(f"{path}:{number}: \"answer\" must be a non-empty string")
-            qid = record.get("question_id", record.get("id", number))
-            questions.append(Question(str(qid), record["image"], text, answer))
-            if limit is not None and len(questions) >= limit:
-                break
+    if not path.is_file():
+        raise FileNotFoundError(f"questions file {path} does not exist")
+    for number, record in iter_json_lines(path, 'objects with "image" and "text" (LLaVA question lines)'):
+        text = record.get("text", record.get("question"))
+        if not isinstance(record.get("image"), str) or not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: a question needs \"image\" (a file name) and \"text\" or "
+                             "\"question\" (strings)")
+        answer = record.get("answer")
+        if answer is not None and not (isinstance(answer, str) and answer.strip()):
+            raise ValueError(f"{path}:{number}: \"answer\" must be a non-empty string")
+        qid = record.get("question_id", record.get("id", number))
+        questions.append(Question(str(qid), record["image"], text, answer))
+        if limit is not None and len(questions) >= limit:
+            break
     if not questions:
         raise ValueError(f"{path} holds no questions")
     return questions
