@@ -20,20 +20,6 @@ DEFAULT_MAX_QUEUE = 1024
 DEFAULT_PREPARE_THREADS = 4
 
 
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device: {exc}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return name
-
-
 @click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--checkpoint", type=ModelRef(), default=None,
               help="Tokenizer to serve: a folder written by save_pretrained (config.json + model.safetensors), "
@@ -108,11 +94,12 @@ def serve_command(checkpoint: Path | None, preset: str | None, host: str, port: 
     import torch
 
     from libra_tok import ImageTokenizer
+    from libra_tok.precision import resolve_device
 
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_body_mb=max_body_mb, max_pixels=max_pixels,
                          max_images=max_images, max_queue=max_queue, precision=precision,
                          prepare_threads=prepare_threads)
-    device = _device(device)
+    device = resolve_device(device)
     if checkpoint is not None:
         tok = ImageTokenizer.from_pretrained(checkpoint, trust_pickle=trust_pickle)
         source = str(checkpoint)

@@ -1,4 +1,5 @@
-"""Compute precision of the tokenizer: the names users choose from and the autocast they mean.
+"""Where and how precisely models compute: the device rule shared by every command, the
+tokenizer's precision names users choose from and the autocast they mean.
 
 CLIP may run in bf16/fp16 autocast; the quantizer always runs in fp32 (`libra_tok.quantizer`),
 since a lower precision can flip an id whose pre-sign value is near zero.
@@ -11,6 +12,20 @@ import contextlib
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"; asking for CUDA without a GPU is a
+    ValueError that says to use the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name}: {exc}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
+    return device
 
 
 def resolve_precision(device: torch.device, precision: str) -> str:
