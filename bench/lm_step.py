@@ -4,6 +4,7 @@
     python bench/lm_step.py --config small --batch-size 2 --steps 2        # CPU, minutes
     python bench/lm_step.py --config 1b --batch-size 4 --device cuda       # GPU (bf16 autocast)
     python bench/lm_step.py --config 1b --device cuda --frozen-llm         # pretraining: vision parts only
+    python bench/lm_step.py --config small --fsdp 2                        # + FSDP2 rows on 2 processes
 
 One step = forward with labels + backward + AdamW step, on sequences in the pretraining layout
 (<s> BOI [patches] EOI \\n caption) of the chosen config. Rows:
@@ -12,7 +13,12 @@ One step = forward with labels + backward + AdamW step, on sequences in the pret
                      router skips every vision module, so this is exactly our LLaMA code path
                      (the idle vision weights still occupy memory; they are not in the optimizer);
   hf llama           transformers' LlamaForCausalLM (sdpa attention) with the LLaMA part of the
-                     config: the reference a user compares against (when transformers is installed).
+                     config: the reference a user compares against (when transformers is installed);
+  libra fsdp xN      (--fsdp N) libra routed on N processes (gloo on CPU, NCCL on GPUs), built on the
+                     meta device and sharded with FSDP2 as `libra-lm train --parallel fsdp` does
+                     (libra_lm.sharding; bf16 MixedPrecisionPolicy and bf16 frozen weights on CUDA):
+                     tokens/s over all processes, peak memory of process 0. On one CPU box the N
+                     processes share its cores, so this row shows the cost of sharding, not a speed-up.
 Ratios are against hf llama when present (else libra all-text). Each row runs in a fresh process,
 so peak memory is its own: CUDA max_memory_allocated, or on CPU the process's peak resident set
 (which includes ~0.3-0.5 GB of Python and torch).
@@ -147,6 +153,91 @@ def measure(variant: str, args: argparse.Namespace) -> dict:
             "loss": float(loss.detach())}
 
 
+def measure_fsdp(rank: int, world: int, port: int, args: argparse.Namespace) -> dict:
+    """The libra routed step on `world` processes under FSDP2, in process `rank`."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from libra_lm.sharding import build_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = args.device.startswith("cuda")
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    config = CONFIGS[args.config]
+    dtype = torch.bfloat16 if cuda and not args.fp32 else torch.float32
+    mesh = init_device_mesh(device.type, (world,))
+    model = build_sharded(config, "preset", None, seed=0, frozen_llm=args.frozen_llm, mesh=mesh, param_dtype=dtype,
+                          device=device)
+    model.gradient_checkpointing = args.checkpointing
+    model.run_idle_modules = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.99), weight_decay=0.01)
+    ids, feats, labels = sequences(config, args.batch_size, args.caption_tokens, False, seed=rank)
+    ids, labels, feats = ids.to(device), labels.to(device), feats.to(device)
+
+    def one_step():
+        loss = model(ids, feats, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        one_step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = one_step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated(device) if cuda else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = ids.shape[0] * ids.shape[1] * world
+    row = {"variant": f"libra fsdp x{world}", "params": sum(p.numel() for p in model.parameters()),
+           "trained": sum(p.numel() for p in params), "tokens": tokens, "seconds": seconds,
+           "tokens_per_s": tokens / seconds, "peak_bytes": peak, "loss": float(loss.detach())}
+    dist.destroy_process_group()
+    return row
+
+
+def _fsdp_worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        row = measure_fsdp(rank, world, port, args)
+    except Exception as exc:
+        row = {"variant": f"libra fsdp x{world}", "error": f"{type(exc).__name__}: {exc}"[:200]}
+    if rank == 0:
+        queue.put(row)
+
+
+def run_fsdp(world: int, args: argparse.Namespace) -> dict:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fsdp_worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    result = queue.get()
+    for proc in procs:
+        proc.join()
+    return result
+
+
 def _worker(variant: str, args: argparse.Namespace, queue) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +269,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--fsdp", type=int, default=0, metavar="N",
+                        help="also measure libra routed under FSDP2 on N processes (per-process batch --batch-size)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -188,7 +281,9 @@ def main() -> None:
         variants.remove("hf llama")
     config = CONFIGS[args.config]
     rows = [run_isolated(v, args) for v in variants]
-    base = next((r for r in reversed(rows) if "error" not in r), None)
+    if args.fsdp:
+        rows.append(run_fsdp(args.fsdp, args))
+    base = next((r for r in reversed(rows) if "error" not in r and "fsdp" not in r["variant"]), None)
     n = 1 + config.image_length + 1 + args.caption_tokens
     precision = "bf16 autocast" if args.device.startswith("cuda") and not args.fp32 else "fp32"
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -209,8 +304,8 @@ def main() -> None:
         memory = r["peak_bytes"] / base["peak_bytes"]
         print(f"{r['variant']:<16} {r['params'] / 1e6:>8.1f}M {r['trained'] / 1e6:>8.1f}M {r['tokens_per_s']:>10.0f} "
               f"{r['peak_bytes'] / 2**30:>8.2f}GB {speed:>6.2f}x {memory:>6.2f}x")
-    print(f"(speed and memory relative to {base['variant']}; CPU memory is the peak resident set of each process)"
-          if base else "")
+    print(f"(speed and memory relative to {base['variant']}; CPU memory is the peak resident set of each process; "
+          "fsdp rows: tokens/s of all processes, memory of process 0)" if base else "")
     if args.json:
         args.json.write_text(json.dumps({"config": args.config, "device": args.device, "rows": rows}, indent=1))
 

@@ -29,7 +29,7 @@ from libra_tok.hub import CONFIG, LM, LM_IMAGE_TOKENIZER, resolve
 from libra_tok.weight_files import CheckpointError, key_problems, read_state_dict, sample_keys
 
 from .config import LibraConfig
-from .convert import fresh_keys, tie_embeddings, to_ours
+from .convert import fresh_keys, key_sources, tie_embeddings, to_ours
 
 if TYPE_CHECKING:
     from libra_tok import ImageTokenizer
@@ -213,19 +213,8 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-# ---- loading --------------------------------------------------------------------------------------
-def load_pretrained(
-    model_class: type[nn.Module],
-    path: str | Path,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    trust_pickle: bool = False,
-    **config_overrides: Any,
-) -> nn.Module:
-    """Build the model of a folder (ours, official Libra or HF LLaMA; or its Hugging Face Hub
-    id, libra_tok.hub) as `model_class(config)` and load its weights
-    (`LibraForCausalLM.from_pretrained` is the way in)."""
+def folder_config(path: str | Path, **config_overrides: Any) -> tuple[Path, LibraConfig, str, bool]:
+    """(folder, config, kind, tied embeddings) of a model folder or Hub id: ours, official or HF LLaMA."""
     folder = resolve(path, LM)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -239,6 +228,23 @@ def load_pretrained(
     else:
         config = config_from_llama(meta, source, **config_overrides)
     tied = kind == "llama" and bool(meta.get("tie_word_embeddings", False))
+    return folder, config, kind, tied
+
+
+# ---- loading --------------------------------------------------------------------------------------
+def load_pretrained(
+    model_class: type[nn.Module],
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_pickle: bool = False,
+    **config_overrides: Any,
+) -> nn.Module:
+    """Build the model of a folder (ours, official Libra or HF LLaMA; or its Hugging Face Hub
+    id, libra_tok.hub) as `model_class(config)` and load its weights
+    (`LibraForCausalLM.from_pretrained` is the way in)."""
+    folder, config, kind, tied = folder_config(path, **config_overrides)
     return load_weights(
         model_class, config, weight_files(folder), kind=kind, device=device, dtype=dtype, tied_embeddings=tied,
         trust_pickle=trust_pickle,
@@ -278,17 +284,9 @@ def load_weights(
     if tied_embeddings:
         state = tie_embeddings(state)
 
-    missing = [k for k in expected if k not in state and k not in mis_shaped]
-    fresh = fresh_keys(missing, kind)
-    missing = [k for k in missing if k not in fresh]
-    problems = key_problems(missing, unexpected, mismatched)
-    if problems:
-        where = files[0].parent
-        raise CheckpointError(
-            f"weights in {where} do not fit {_KIND_NAMES[kind]} model with hidden_size {config.hidden_size}, "
-            f"{config.num_hidden_layers} layers, text vocab {config.text_vocab_size}, vision_down_ratio "
-            f"{config.vision_down_ratio}: " + " | ".join(problems)
-        )
+    check_weight_keys(config, kind, files[0].parent, missing=[k for k in expected if k not in state and
+                                                                 k not in mis_shaped],
+                      unexpected=unexpected, mismatched=mismatched)
 
     model.load_state_dict(state, strict=False, assign=True)
     # Fresh (vision) modules: real memory, then the official init.
@@ -303,6 +301,105 @@ def load_weights(
     return model.train(False)
 
 
+def check_weight_keys(config: LibraConfig, kind: str, where: Path, *, missing: list[str], unexpected: list[str],
+                      mismatched: list[str]) -> list[str]:
+    """The fresh keys among `missing` (initialised, not loaded); a CheckpointError listing the
+    missing, unexpected and mis-shaped keys when the weights do not fit the model."""
+    fresh = fresh_keys(missing, kind)
+    problems = key_problems([k for k in missing if k not in fresh], unexpected, mismatched)
+    if problems:
+        raise CheckpointError(
+            f"weights in {where} do not fit {_KIND_NAMES[kind]} model with hidden_size {config.hidden_size}, "
+            f"{config.num_hidden_layers} layers, text vocab {config.text_vocab_size}, vision_down_ratio "
+            f"{config.vision_down_ratio}: " + " | ".join(problems)
+        )
+    return fresh
+
+
+class WeightSlices:
+    """The tensors of a model folder, read one at a time or a range of rows of one, so that a
+    process holding a shard of a model reads that shard only (`libra_lm.sharding`).
+
+    safetensors files are opened with `safe_open`: `get_slice` reads the bytes of the rows
+    asked for and nothing else. torch files (`pytorch_model*.bin`) in the zip format are
+    memory-mapped (`torch.load(mmap=True)`, weights only unless trust_pickle): copying rows
+    reads their pages only, and the mapping is file-backed page cache shared by the processes
+    of a machine, not memory of each. The legacy (pre-zip) torch format cannot be mapped and is
+    read whole when one of its tensors is first needed, one file at a time.
+
+    Keys are ours (`libra_lm.convert.key_sources`); `check(model_state)` tells which of the
+    model's keys are fresh (initialised, HF LLaMA's vision parts) and raises CheckpointError
+    on missing, unexpected or mis-shaped ones.
+    """
+
+    def __init__(self, folder: str | Path, kind: str, *, tied_embeddings: bool = False, trust_pickle: bool = False):
+        from safetensors import safe_open
+
+        self.folder, self.kind, self.trust_pickle = Path(folder), kind, trust_pickle
+        self._open: dict[Path, Any] = {}  # file -> safe_open handle or a dict of (mapped) tensors
+        where: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for file in weight_files(self.folder):
+            handle = self._handle(file, safe_open)
+            for key in handle.keys():
+                where[key] = file
+                shapes[key] = tuple(handle.get_slice(key).get_shape()) if hasattr(handle, "get_slice") \
+                    else tuple(handle[key].shape)
+        self._sources = key_sources(where, kind, tied_embeddings)
+        self._where = where
+        self.shapes = {ours: shapes[src] for ours, src in self._sources.items()}
+
+    def _handle(self, file: Path, safe_open=None):
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(str(file), framework="pt", device="cpu")
+            except Exception:  # not safetensors: a torch file (mapped when it can be), or an error naming it
+                if file.suffix == ".safetensors":
+                    read_state_dict(file, trust_pickle=self.trust_pickle)  # raises the CheckpointError that says why
+                self._open[file] = read_state_dict(file, trust_pickle=self.trust_pickle)
+        return self._open[file]
+
+    def keys(self) -> list[str]:
+        return list(self._sources)
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Our tensor `key`, or its rows start:stop (dim 0), as a tensor of its own."""
+        source = self._sources[key]
+        handle = self._open[self._where[source]]
+        if isinstance(handle, dict):
+            tensor = handle[source]
+            return (tensor if start is None else tensor[start:stop]).clone()
+        if start is None:
+            return handle.get_tensor(source)
+        return handle.get_slice(source)[start:stop]
+
+    def check(self, expected: dict[str, tuple[int, ...]], config: LibraConfig) -> list[str]:
+        """Fresh keys of `expected` (key -> shape); CheckpointError when the files do not fit."""
+        unexpected = [k for k in self.shapes if k not in expected]
+        mismatched = [f"{k}: expected {expected[k]}, found {s}" for k, s in self.shapes.items()
+                      if k in expected and tuple(s) != tuple(expected[k])]
+        missing = [k for k in expected if k not in self.shapes]
+        return check_weight_keys(config, self.kind, self.folder, missing=missing, unexpected=unexpected,
+                                 mismatched=mismatched)
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def __enter__(self) -> "WeightSlices":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_folder(path: str | Path, *, trust_pickle: bool = False,
+                **config_overrides: Any) -> tuple[LibraConfig, WeightSlices]:
+    """(config, tensors to read one at a time) of a model folder or Hub id (ours, official Libra
+    or HF LLaMA), as `load_pretrained` reads them."""
+    folder, config, kind, tied = folder_config(path, **config_overrides)
+    return config, WeightSlices(folder, kind, tied_embeddings=tied, trust_pickle=trust_pickle)
+
+
 # ---- saving ---------------------------------------------------------------------------------------
 def save_pretrained(model: nn.Module, path: str | Path, *, image_tokenizer: dict[str, Any] | None = None) -> Path:
     """config.json + model.safetensors, each written atomically (weights first).
@@ -310,17 +407,22 @@ def save_pretrained(model: nn.Module, path: str | Path, *, image_tokenizer: dict
     image_tokenizer: the identity of the image tokenizer whose ids the model was trained on
     (`libra_tok.pipeline.tokenizer_identity`: config, architecture_hash, weights_sha256,
     source), recorded in config.json so that later stages and `generate` can check it."""
-    from libra_tok import __version__
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model.state_dict(), path / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_json(path / CONFIG_FILE, folder_meta(model.config, image_tokenizer))
+    return path
+
+
+def folder_meta(config: LibraConfig, image_tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json of a libra-lm folder (see save_pretrained; also written by libra_lm.export)."""
+    from libra_tok import __version__
+
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "libra_version": __version__,
-            "config": model.config.to_dict()}
+            "config": config.to_dict()}
     if image_tokenizer is not None:
         meta["image_tokenizer"] = image_tokenizer
-    atomic_write_json(path / CONFIG_FILE, meta)
-    return path
+    return meta
 
 
 def recorded_image_tokenizer(path: str | Path) -> dict[str, Any] | None:
@@ -392,8 +494,12 @@ __all__ = [
     "image_tokenizer_for",
     "load_weights",
     "save_pretrained",
+    "folder_meta",
     "recorded_image_tokenizer",
     "weight_files",
+    "WeightSlices",
+    "open_folder",
+    "check_weight_keys",
     "detect_format",
     "config_from_llama",
     "config_from_official",

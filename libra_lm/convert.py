@@ -48,10 +48,22 @@ def tie_embeddings(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def key_sources(keys: Iterable[str], kind: str, tied_embeddings: bool = False) -> dict[str, str]:
+    """Our key -> the key of a checkpoint of `kind` that holds it, for readers that fetch
+    tensors one at a time: `to_ours` and `tie_embeddings` on names instead of tensors."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; one of {KINDS}")
+    sources = {k: k for k in keys if kind == "ours" or not is_ignored_key(k)}
+    if tied_embeddings and "lm_head.weight" not in sources and "model.embed_tokens.weight" in sources:
+        sources["lm_head.weight"] = "model.embed_tokens.weight"
+    return sources
+
+
 def fresh_keys(keys: Iterable[str], kind: str) -> list[str]:
     """Our parameters that a checkpoint of `kind` does not hold and that are initialised
     instead (HF LLaMA: the visual expert, bridges, vision embeddings, norms and heads)."""
     return [k for k in keys if kind == "llama" and "vision" in k]
 
 
-__all__ = ["KINDS", "OFFICIAL_IGNORED_NAMES", "is_ignored_key", "to_ours", "tie_embeddings", "fresh_keys"]
+__all__ = ["KINDS", "OFFICIAL_IGNORED_NAMES", "is_ignored_key", "to_ours", "tie_embeddings", "key_sources",
+           "fresh_keys"]

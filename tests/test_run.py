@@ -43,6 +43,32 @@ def test_rotation_keeps_the_newest_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-00000060.pt"]  # no temporary file left
 
 
+def test_sharded_checkpoints_rotate_resume_and_reshard_in_one_process(tmp_path):
+    """DCP folders sit beside .pt files: listed and rotated by step, a .partial folder ignored,
+    read back by resume_state (meta.json) and load_sharded (any split of the rows)."""
+    from libra_tok.run import load_sharded, read_rank_rng, rng_state, write_sharded_checkpoint
+
+    ckpt = tmp_path / CHECKPOINT_DIR
+    write_checkpoint(ckpt, 1, {"step": 1}, keep=3)
+    for step in (2, 3):
+        write_sharded_checkpoint(ckpt, step, {"w": torch.arange(10.0) * step}, {"batches_seen": step},
+                                 rng_state(), Dist(), keep=3)
+    (ckpt / "step-00000004.partial").mkdir()  # a save that was killed
+    assert [p.name for p in checkpoint_files(ckpt)] == ["step-00000001.pt", "step-00000002", "step-00000003"]
+    path, state = resume_state(tmp_path, resume=True)
+    assert path == ckpt / "step-00000003" and state["batches_seen"] == 3 and state["world"] == 1
+    rows = {"w": torch.zeros(10)}
+    load_sharded(path, rows)
+    assert torch.equal(rows["w"], torch.arange(10.0) * 3)
+    assert torch.equal(read_rank_rng(path, 5)["torch"], read_rank_rng(path, 0)["torch"])  # fewer ranks saved
+    write_sharded_checkpoint(ckpt, 5, {"w": torch.ones(10)}, {}, rng_state(), Dist(), keep=2)
+    assert [p.name for p in checkpoint_files(ckpt)] == ["step-00000003", "step-00000005"]
+    (path / ".metadata").unlink()  # damaged: named, with the previous intact one
+    (ckpt / LATEST).write_text(json.dumps({"file": "step-00000003", "step": 3}))
+    with pytest.raises(ValueError, match=r"step-00000003 is damaged \(no \.metadata"):
+        resume_state(tmp_path, resume=True)
+
+
 def test_latest_names_a_complete_checkpoint_even_after_a_crash(tmp_path, monkeypatch):
     for step in (1, 2):
         write_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep=3)

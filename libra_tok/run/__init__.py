@@ -7,6 +7,7 @@
     data_order    resumable sample order (KeyedBatches), held-out samples
     rng           RNG states in checkpoints
     checkpoints   atomic step-*.pt with rotation and latest.json, read with weights_only=True
+    dcp           sharded checkpoints (torch.distributed.checkpoint): every process writes its shards
     resume        where a run continues from; the refusal to write over a run
     metrics_log   metrics.jsonl and TensorBoard, cut back to the step a run resumes from
     loss_plot     loss.png (matplotlib)
@@ -26,6 +27,7 @@ from .checkpoints import (
     write_checkpoint,
 )
 from .data_order import KeyedBatches, holdout_indices
+from .dcp import load_sharded, read_rank_rng, sharded_checkpoint_name, sharded_tensor_keys, write_sharded_checkpoint
 from .distributed import (
     Dist,
     all_reduce_sum,
@@ -53,7 +55,8 @@ __all__ = [
     "CHECKPOINT_DIR", "LATEST", "METRICS", "TRAIN_CONFIG", "PER_COMMAND_OPTIONS", "TRUST_PICKLE_HELP",
     "Cadence", "Dist", "KeyedBatches", "MetricsLog", "RunOptions", "Throughput", "TrainingDiverged", "TrainingLoop",
     "UnusableCheckpoint", "all_reduce_sum", "barrier", "checkpoint_files", "checkpoint_name", "holdout_indices",
-    "load_config_file", "lr_lambda", "missing_keys", "option", "plot_losses", "process_device", "read_checkpoint",
-    "read_metrics", "resume_state", "rng_state", "saved_options", "set_rng_state", "setup_distributed",
-    "trim_metrics", "warmup_cosine", "write_checkpoint",
+    "load_config_file", "load_sharded", "lr_lambda", "missing_keys", "option", "plot_losses", "process_device",
+    "read_checkpoint", "read_metrics", "read_rank_rng", "resume_state", "rng_state", "saved_options", "set_rng_state",
+    "setup_distributed", "sharded_checkpoint_name", "sharded_tensor_keys", "trim_metrics", "warmup_cosine",
+    "write_checkpoint", "write_sharded_checkpoint",
 ]

@@ -1,4 +1,6 @@
-"""Training checkpoints in a run folder: `checkpoints/step-XXXXXXXX.pt` and `latest.json`.
+"""Training checkpoints in a run folder: `checkpoints/step-XXXXXXXX.pt` and `latest.json`
+(sharded runs write `step-XXXXXXXX/` folders instead: libra_tok.run.dcp; both are listed,
+rotated and resumed here).
 
 A checkpoint holds tensors and plain values only and is read with weights_only=True, so a file
 someone else put in the folder cannot run code. Files are written under a temporary name and
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from .rng import legacy_rng_globals
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest.json"
+META = "meta.json"  # in a sharded checkpoint folder (libra_tok.run.dcp): step, data position, options
+DCP_METADATA = ".metadata"  # written by DCP once every process has written its shards
 
 CheckpointCheck = Callable[[dict[str, Any]], "str | None"]  # a problem of a loaded state, or None
 
@@ -40,8 +45,20 @@ def checkpoint_name(step: int) -> str:
 
 
 def checkpoint_files(ckpt_dir: Path) -> list[Path]:
-    """The step-*.pt files of a run, oldest first."""
-    return sorted(Path(ckpt_dir).glob("step-*.pt"))
+    """The checkpoints of a run, oldest first: step-*.pt files and complete or damaged sharded
+    step-* folders (not the .partial folders of a save that was cut short)."""
+    found = [p for p in Path(ckpt_dir).glob("step-*") if p.suffix == ".pt" or (p.is_dir() and not p.suffix)]
+    return sorted(found, key=lambda p: (p.name.removesuffix(".pt"), p.suffix))
+
+
+def rotate_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` (at least 1) checkpoints."""
+    kept = checkpoint_files(ckpt_dir)
+    for old in kept[: max(0, len(kept) - max(1, keep))]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def write_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -53,9 +70,7 @@ def write_checkpoint(ckpt_dir: str | Path, step: int, state: dict[str, Any], kee
     with atomic_path(ckpt_dir / name) as tmp:
         torch.save(state, tmp)
     atomic_write_json(ckpt_dir / LATEST, {"file": name, "step": step})
-    kept = checkpoint_files(ckpt_dir)
-    for old in kept[: max(0, len(kept) - max(1, keep))]:
-        old.unlink(missing_ok=True)
+    rotate_checkpoints(ckpt_dir, keep)
     return ckpt_dir / name
 
 
@@ -82,6 +97,12 @@ def read_checkpoint(path: str | Path, validate: CheckpointCheck | None = None) -
     nothing that unpickling could run. `validate(state)` returns a problem or None. A damaged,
     foreign or unsafe file raises UnusableCheckpoint with the reason."""
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint: its meta.json (the tensors load later, each process its own)
+        state = read_sharded_meta(path)
+        problem = validate(state) if validate else None
+        if problem:
+            raise UnusableCheckpoint(path, f"not a training checkpoint of this trainer: {problem}")
+        return state
     if path.stat().st_size == 0:
         raise UnusableCheckpoint(path, "empty file")
     try:
@@ -108,6 +129,22 @@ def read_checkpoint(path: str | Path, validate: CheckpointCheck | None = None) -
     return state
 
 
+def read_sharded_meta(path: str | Path) -> dict[str, Any]:
+    """meta.json of a complete sharded checkpoint; UnusableCheckpoint when it is incomplete."""
+    path = Path(path)
+    if not (path / DCP_METADATA).is_file():
+        raise UnusableCheckpoint(path, f"no {DCP_METADATA} (not a complete DCP checkpoint)")
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise UnusableCheckpoint(path, f"no {META}") from None
+    except (OSError, ValueError) as exc:
+        raise UnusableCheckpoint(path, f"{META} cannot be read ({exc})") from None
+    if not isinstance(meta, dict):
+        raise UnusableCheckpoint(path, f"{META} is not a mapping")
+    return {**meta, "sharded": True}
+
+
 def latest_name(ckpt_dir: Path) -> str | None:
     """The file latest.json names (a bare file name), or None when it is missing or unreadable."""
     try:
@@ -127,5 +164,6 @@ def newest_intact(files: Sequence[Path], validate: CheckpointCheck | None) -> tu
     return None
 
 
-__all__ = ["CHECKPOINT_DIR", "LATEST", "CheckpointCheck", "UnusableCheckpoint", "checkpoint_name", "checkpoint_files",
-           "write_checkpoint", "missing_keys", "read_checkpoint", "latest_name", "newest_intact"]
+__all__ = ["CHECKPOINT_DIR", "LATEST", "META", "read_sharded_meta",
+           "CheckpointCheck", "UnusableCheckpoint", "checkpoint_name", "checkpoint_files",
+           "write_checkpoint", "rotate_checkpoints", "missing_keys", "read_checkpoint", "latest_name", "newest_intact"]

@@ -6,7 +6,8 @@ metric rows, evaluations and checkpoints, the time limit, the final checkpoint a
 
     class Trainer(TrainingLoop):
         def training_steps(self):       # forever: (metrics row, images or tokens) per optimiser step
-        def checkpoint_state(self):     # what this trainer adds to a checkpoint (every process calls it)
+        def checkpoint_state(self):     # what this trainer adds to a checkpoint (every process calls it);
+                                        # with sharded_checkpoints its tensors go under "tensors" (DCP)
         def load_checkpoint_state(self, path, state)
         def cadence(self, last):        # when to log, evaluate and save
         def evaluate(self):             # optional: sample grids, validation loss
@@ -27,6 +28,7 @@ from typing import Any
 
 from ..fileio import atomic_write_json
 from .checkpoints import CHECKPOINT_DIR, checkpoint_name, write_checkpoint
+from .dcp import read_rank_rng, write_sharded_checkpoint
 from .distributed import barrier, process_device
 from .loss_plot import Series, plot_losses
 from .metrics_log import MetricsLog
@@ -71,6 +73,9 @@ class TrainingLoop:
     loss_series: Series = (("loss", "train loss", "tab:blue"),)
     plot_title = "training"
     progress_desc = "train"
+    # True: checkpoints are DCP folders every process writes its shards of (libra_tok.run.dcp);
+    # False: one step-*.pt file written by the main process.
+    sharded_checkpoints = False
 
     def __init__(self, config: Any, progress: bool = True):
         self.cfg = config
@@ -119,11 +124,17 @@ class TrainingLoop:
         """Write the checkpoint of the current step (the main process writes; every process
         builds the state, which FSDP needs), then wait for every process."""
         state = self.checkpoint_state()
+        run = {"step": self.step, "batches_seen": self.batches_seen, "config": saved_options(self.cfg)}
+        if self.sharded_checkpoints:
+            tensors = state.pop("tensors")
+            path = write_sharded_checkpoint(self.out / CHECKPOINT_DIR, self.step, tensors, {**state, **run},
+                                            rng_state(), self.d, keep=self.cfg.keep_checkpoints)
+            self.last_checkpoint = path
+            return path
         path = self.out / CHECKPOINT_DIR / checkpoint_name(self.step)
         if self.d.main:
-            run = {"step": self.step, "batches_seen": self.batches_seen, "config": saved_options(self.cfg),
-                   "rng": rng_state()}
-            write_checkpoint(path.parent, self.step, {**state, **run}, keep=self.cfg.keep_checkpoints)
+            write_checkpoint(path.parent, self.step, {**state, **run, "rng": rng_state()},
+                             keep=self.cfg.keep_checkpoints)
         barrier(self.d)
         self.last_checkpoint = path
         return path
@@ -132,7 +143,7 @@ class TrainingLoop:
         """Continue from a checkpoint `resume_state` returned: the trainer's state, then the
         step, the data position and the RNG states."""
         self.load_checkpoint_state(path, state)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"] if "rng" in state else read_rank_rng(path, self.d.rank))
         self.step = int(state["step"])
         self.batches_seen = int(state["batches_seen"])
         self.last_checkpoint = path

@@ -43,7 +43,7 @@ def resume_state(out_dir: str | Path, resume: bool,
             raise FileExistsError(f"{out_dir} already holds checkpoints (last: {last}); pass --resume to continue "
                                   "that run or choose another --out-dir")
         return None, None
-    if named is not None and (ckpt_dir / named).is_file():
+    if named is not None and (ckpt_dir / named).exists():
         path = ckpt_dir / named
         try:
             return path, read_checkpoint(path, validate)
