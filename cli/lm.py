@@ -58,10 +58,12 @@ def generate(
     dtype: str,
     trust_pickle: bool,
 ) -> None:
-    """Answer PROMPT about an image with a Libra model and print the answer.
+    """Answer PROMPT about an image with a Libra model (or a HoVLE one, docs/hovle.md) and print
+    the answer.
 
-    The image goes through the image tokenizer (two ids and the CLIP features per patch),
-    is placed between BOI and EOI in the prompt, and the LM decodes with a KV cache. The
+    The image goes through the image tokenizer (two ids and the CLIP features per patch; HoVLE
+    reads its pixels), is placed between BOI and EOI in the prompt, and the LM decodes with a KV
+    cache. The
     prompt and the answer share the model's context (max_position_embeddings): a longer prompt
     is an error, and the answer stops when the context is full.
     """
@@ -75,8 +77,13 @@ def generate(
                                       text_tokenizer=text_tokenizer_path, with_image_tokenizer=image is not None,
                                       device=device, dtype=dtype, attn_backend=attn_backend, trust_pickle=trust_pickle)
     model, text_tok, image_tok, dev = lm.model, lm.text_tokenizer, lm.image_tokenizer, lm.device
-    images = image_segments(image_tok, [image], model.config) if image is not None else None
     generator = torch.Generator(device=dev).manual_seed(seed)
+    if getattr(model, "arch", "libra") == "hovle":  # the monolithic baseline reads the image's pixels (docs/hovle.md)
+        from libra_lm.hovle.generate import chat
+
+        images = [image]
+    else:
+        images = image_segments(image_tok, [image], model.config) if image is not None else None
     out = chat(
         model, text_tok, [prompt], images, template=template, stop_strings=stop_strings,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator,
@@ -107,7 +114,10 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train(TrainConfig.from_dict(run_options(TrainConfig, config_file, resume, options, data)), resume=resume)
+    config = TrainConfig.from_dict(run_options(TrainConfig, config_file, resume, options, data))
+    if config.arch == "hovle":  # the monolithic baseline (docs/hovle.md)
+        from libra_lm.hovle.trainer import train
+    result = train(config, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun the first process reports
     losses = [row["loss"] for row in result.history if "loss" in row]
@@ -115,6 +125,39 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
     click.echo(f"trained {result.step} steps{last}; model: {result.final_model}; loss plot: {result.plot}")
     if result.skipped:
         click.echo(f"{len(result.skipped)} sample(s) left out: see {result.out_dir / 'skipped_samples.json'}")
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--final", is_flag=True,
+              help="Write RUN_DIR/final (replacing it), as training does at its end, instead of OUT.")
+@click.option("--step", type=click.IntRange(min=0), default=None,
+              help="Export the checkpoint of this step (default: the one checkpoints/latest.json names).")
+@click.option("--max-shard-size", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Largest safetensors file in GiB; also the most memory the export holds at once.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow Python objects in pickled weights of the run's --init-from folder (pytorch_model.bin); "
+                   "only for files you trust.")
+@offline_option
+@fail_on_errors
+def export_command(run_dir: Path, out: Path | None, final: bool, step: int | None, max_shard_size: float,
+                   trust_pickle: bool) -> None:
+    """Write the model of a sharded training run (--parallel fsdp) as a model folder: OUT gets
+    config.json, model-*-of-*.safetensors with their index, and the run's tokenizer.model, ready for
+    `libra-lm generate --model OUT` and `--init-from OUT`.
+
+    Trained weights come from the checkpoint, frozen ones from the run's starting point; one
+    output shard is in memory at a time (docs/scale.md).
+    """
+    from libra_lm.export import export_run
+
+    if (out is None) == (not final):
+        raise click.UsageError("give OUT or --final (one of them)")
+    target = run_dir / "final" if final else out
+    folder = export_run(run_dir, target, step=step, max_shard_bytes=int(max_shard_size * 2**30),
+                        trust_pickle=trust_pickle, replace=final)
+    click.echo(f"exported to {folder}")
 
 
 @main.command("train-text-tokenizer")
@@ -156,6 +199,12 @@ from .lm_eval import eval_command, score_group  # noqa: E402
 
 main.add_command(eval_command)
 main.add_command(score_group)
+
+from .lm_compare import compare_command  # noqa: E402
+from .lm_plan import memory_plan_command  # noqa: E402
+
+main.add_command(memory_plan_command)
+main.add_command(compare_command)
 
 if __name__ == "__main__":
     main()

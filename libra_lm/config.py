@@ -12,13 +12,85 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from libra_tok.config import check_fields
 
 
+class LMConfig:
+    """What the LM configs share (LibraConfig here, HoVLEConfig in libra_lm.hovle): the checks
+    and derived quantities of the LLaMA body and the joint id space, (de)serialisation, presets.
+    A subclass is a dataclass with the fields these read and a `presets()` table."""
+
+    kind: ClassVar[str] = "LM"  # in messages: "unknown LM preset", "invalid LibraConfig"
+
+    @classmethod
+    def presets(cls) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _body_problems(self) -> list[str]:
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        elif self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "newline_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.text_vocab_size:
+                problems.append(f"{name} {value} is outside the text vocabulary [0, {self.text_vocab_size})")
+        return problems
+
+    def _raise(self, problems: list[str]) -> None:
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def vision_vocab_size(self) -> int:
+        """Rows of each vision table and head: the image ids, BOI and EOI (514 for Libra)."""
+        return self.codebook_size + 2
+
+    @property
+    def boi_token_id(self) -> int:
+        """BOI in the joint id space (32512 for Libra)."""
+        return self.text_vocab_size + self.codebook_size
+
+    @property
+    def eoi_token_id(self) -> int:
+        return self.text_vocab_size + self.codebook_size + 1
+
+    @property
+    def image_length(self) -> int:
+        """Tokens one image occupies in a sequence: BOI + patches + EOI (578 for Libra)."""
+        return self.num_image_tokens + 2
+
+    # ---- (de)serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        return cls(**check_fields(cls, data))
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **check_fields(type(self), changes))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        presets = cls.presets()
+        if name not in presets:
+            raise ValueError(f"unknown {cls.kind} preset {name!r}; presets: {sorted(presets)}")
+        return dataclasses.replace(presets[name], **check_fields(cls, overrides))
+
+
 @dataclass
-class LibraConfig:
+class LibraConfig(LMConfig):
     # LLaMA backbone (HF LlamaConfig names where one exists).
     hidden_size: int = 4096
     num_hidden_layers: int = 32
@@ -45,13 +117,7 @@ class LibraConfig:
     newline_token_id: int = 13
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
-        elif self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        problems = self._body_problems()
         if self.hidden_size % self.num_codebooks:
             problems.append(
                 f"hidden_size {self.hidden_size} is not divisible by num_codebooks {self.num_codebooks} "
@@ -59,57 +125,15 @@ class LibraConfig:
             )
         if self.vision_down_ratio < 1 or self.bridge_rank < 1:
             problems.append("vision_down_ratio and bridge_rank must be >= 1")
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "newline_token_id"):
-            value = getattr(self, name)
-            if not 0 <= value < self.text_vocab_size:
-                problems.append(f"{name} {value} is outside the text vocabulary [0, {self.text_vocab_size})")
-        if problems:
-            raise ValueError("invalid LibraConfig: " + "; ".join(problems))
+        self._raise(problems)
 
-    # ---- derived quantities -------------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def vision_vocab_size(self) -> int:
-        """Rows of each vision table and head: the image ids, BOI and EOI (514 for Libra)."""
-        return self.codebook_size + 2
-
-    @property
-    def boi_token_id(self) -> int:
-        """BOI in the joint id space (32512 for Libra)."""
-        return self.text_vocab_size + self.codebook_size
-
-    @property
-    def eoi_token_id(self) -> int:
-        return self.text_vocab_size + self.codebook_size + 1
-
-    @property
-    def image_length(self) -> int:
-        """Tokens one image occupies in a sequence: BOI + patches + EOI (578 for Libra)."""
-        return self.num_image_tokens + 2
+    @classmethod
+    def presets(cls) -> dict[str, "LibraConfig"]:
+        return PRESETS
 
     def expert_rank(self, out_features: int) -> int:
         """Rank of a vision expert projection (official LibraLinear: out_features // down_ratio)."""
         return max(1, out_features // self.vision_down_ratio)
-
-    # ---- (de)serialisation --------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LibraConfig":
-        return cls(**check_fields(cls, data))
-
-    def replace(self, **changes: Any) -> "LibraConfig":
-        return dataclasses.replace(self, **check_fields(LibraConfig, changes))
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "LibraConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown LM preset {name!r}; presets: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **check_fields(cls, overrides))
 
 
 PRESETS: dict[str, LibraConfig] = {
@@ -127,4 +151,4 @@ PRESETS: dict[str, LibraConfig] = {
     ),
 }
 
-__all__ = ["LibraConfig", "PRESETS"]
+__all__ = ["LMConfig", "LibraConfig", "PRESETS"]

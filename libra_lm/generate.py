@@ -55,7 +55,7 @@ log = logging.getLogger("libra_lm.generate")
 
 IMAGE_TEXT = "<image>"  # what a generated image becomes in decoded text
 # torch.multinomial's message for the same condition (sampling here draws as it does).
-_INVALID_PROBABILITIES = "probability tensor contains either `inf`, `nan` or element < 0"
+INVALID_PROBABILITIES = "probability tensor contains either `inf`, `nan` or element < 0"
 
 
 @dataclass
@@ -141,7 +141,7 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
-def _sample(
+def sample_checked(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(ids, whether the probabilities were valid (a 0-dim bool tensor; None when greedy)),
@@ -176,9 +176,9 @@ def sample_logits(
     softmax(logits / temperature) restricted to the top_k ids and the top_p nucleus
     (see check_sampling for the valid values), as torch.multinomial draws it."""
     check_sampling(temperature, top_p, top_k)
-    ids, valid = _sample(logits, temperature, top_p, top_k, generator)
+    ids, valid = sample_checked(logits, temperature, top_p, top_k, generator)
     if valid is not None and not bool(valid):
-        raise RuntimeError(_INVALID_PROBABILITIES)
+        raise RuntimeError(INVALID_PROBABILITIES)
     return ids
 
 
@@ -197,6 +197,47 @@ def _image_position(ids: torch.Tensor, config: LibraConfig) -> torch.Tensor:
 
 
 # ---- decoding ---------------------------------------------------------------------------------------
+def prepare_prompts(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                    temperature: float, top_p: float, top_k: int, stop_strings: Sequence[str],
+                    text_tokenizer) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The checks every decoder makes before its first forward: (joint ids (B, N, ncb) and the
+    attention mask on the model's device, max_new_tokens clamped to the context). Prompts must
+    be left-padded and fit the context (config.max_position_embeddings); a longer answer than
+    the room left is clamped with a logged warning."""
+    cfg = model.config
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_p, top_k)
+    if stop_strings and text_tokenizer is None:
+        raise ValueError("stop_strings need a text_tokenizer to decode the generated text")
+    device = model.device
+    input_ids = as_joint_ids(input_ids.to(device), cfg)  # the values are checked by the first forward
+    b, n, _ = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(b, n, dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+    prompt_length = int(attention_mask.sum(1).max())  # positions count real tokens only
+    context = cfg.max_position_embeddings
+    if prompt_length > context:
+        raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {context} "
+                         f"(max_position_embeddings); shorten the prompt")
+    if prompt_length + max_new_tokens > context:
+        log.warning("max_new_tokens %d does not fit the model's context of %d tokens after a prompt of %d: "
+                    "generating %d at most", max_new_tokens, context, prompt_length, context - prompt_length)
+        max_new_tokens = context - prompt_length
+    return input_ids, attention_mask, max_new_tokens
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """`text` up to the first of `stop_strings` it contains (each tried in turn)."""
+    for s in stop_strings:
+        if s in text:
+            text = text[: text.index(s)]
+    return text
+
+
 @torch.no_grad()
 def generate(
     model: LibraForCausalLM,
@@ -220,28 +261,10 @@ def generate(
     longest prompt leaves (a logged warning says so) and rows still running when the context is
     full stop with reason "length". temperature 0 is greedy (see check_sampling)."""
     cfg = model.config
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_p, top_k)
-    if stop_strings and text_tokenizer is None:
-        raise ValueError("stop_strings need a text_tokenizer to decode the generated text")
     device = model.device
-    input_ids = as_joint_ids(input_ids.to(device), cfg)  # the values are checked by the first forward
+    input_ids, attention_mask, max_new_tokens = prepare_prompts(
+        model, input_ids, attention_mask, max_new_tokens, temperature, top_p, top_k, stop_strings, text_tokenizer)
     b, n, ncb = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones(b, n, dtype=torch.long, device=device)
-    attention_mask = attention_mask.to(device)
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
-    prompt_length = int(attention_mask.sum(1).max())  # positions count real tokens only
-    context = cfg.max_position_embeddings
-    if prompt_length > context:
-        raise ValueError(f"the prompt has {prompt_length} tokens but the model's context is {context} "
-                         f"(max_position_embeddings); shorten the prompt")
-    if prompt_length + max_new_tokens > context:
-        log.warning("max_new_tokens %d does not fit the model's context of %d tokens after a prompt of %d: "
-                    "generating %d at most", max_new_tokens, context, prompt_length, context - prompt_length)
-        max_new_tokens = context - prompt_length
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     feats = clip_features.to(device, model.dtype) if clip_features is not None else None
 
@@ -269,10 +292,10 @@ def generate(
 
     for step in range(max_new_tokens):
         # Rows of the other modality hold only -inf; give them finite dummies (never used).
-        text_next, text_ok = _sample(_finite_rows(out.text_logits[:, -1]), temperature, top_p, top_k, generator)
+        text_next, text_ok = sample_checked(_finite_rows(out.text_logits[:, -1]), temperature, top_p, top_k, generator)
         vision_logits = _finite_rows(out.vision_logits[:, -1])
         vision_logits[..., cfg.codebook_size:] = float("-inf")  # image ids only; BOI/EOI come from the rules
-        patch_ids, vision_ok = _sample(vision_logits, temperature, top_p, top_k, generator)
+        patch_ids, vision_ok = sample_checked(vision_logits, temperature, top_p, top_k, generator)
         nxt = text_next[:, None].expand(b, ncb)
         in_image = image_pos >= 0
         nxt = torch.where(in_image[:, None], patch_ids + cfg.text_vocab_size, nxt)
@@ -290,7 +313,7 @@ def generate(
         else:
             flat = torch.cat([nxt.flatten(), (text_ok & vision_ok).long()[None]]).tolist()
             if not flat[-1]:
-                raise RuntimeError(_INVALID_PROBABILITIES)
+                raise RuntimeError(INVALID_PROBABILITIES)
             chosen = [flat[i * ncb:(i + 1) * ncb] for i in range(b)]
         for i in range(b):
             if finished[i]:
@@ -319,10 +342,7 @@ def generate(
         images.append(row_images)
         if text_tokenizer is not None:
             texts = texts or []
-            for s in stop_strings:
-                if s in text:
-                    text = text[: text.index(s)]
-            texts.append(text)
+            texts.append(cut_at_stop_strings(text, stop_strings))
     return GenerationOutput(sequences, lengths, reasons, texts, images)
 
 
@@ -386,6 +406,10 @@ __all__ = [
     "collate_prompts",
     "check_sampling",
     "sample_logits",
+    "sample_checked",
+    "INVALID_PROBABILITIES",
+    "prepare_prompts",
+    "cut_at_stop_strings",
     "generate",
     "chat",
 ]

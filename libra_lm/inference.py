@@ -18,22 +18,10 @@ from typing import Any
 
 import torch
 
+from libra_tok.precision import resolve_device
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_HINT = "pass --tokenizer PATH (a libra-tok folder or the official vqgan.ckpt) or --tokenizer-preset tiny"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"; asking for CUDA without a GPU is a
-    ValueError that says to use the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name}: {exc}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is available; use --device cpu")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -56,9 +44,15 @@ def resolve_model(model: str | Path, *, text_tokenizer: bool = True, image_token
 
 def load_model(folder: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                attn_backend: str = "auto", trust_pickle: bool = False):
-    """The LM of a folder (ours, official Libra or HF LLaMA) in eval mode on `device`."""
+    """The LM of a folder (ours, official Libra or HF LLaMA; or HoVLE's, libra_lm.hovle) in eval
+    mode on `device`."""
+    from .hovle.checkpoint import is_hovle_folder
     from .model import LibraForCausalLM
 
+    if is_hovle_folder(folder):  # the monolithic baseline reads pixels: no attention backend, no image tokenizer
+        from .hovle.model import HoVLEForCausalLM
+
+        return HoVLEForCausalLM.from_pretrained(folder, device=device, dtype=dtype).eval()
     model = LibraForCausalLM.from_pretrained(folder, device=device, dtype=dtype, trust_pickle=trust_pickle)
     model.attn_backend = attn_backend
     return model.eval()
@@ -121,6 +115,9 @@ def load_for_inference(model: str | Path, *, tokenizer: str | Path | None = None
     folder = resolve_model(model, text_tokenizer=with_text_tokenizer and text_tokenizer is None,
                            image_tokenizer=own_image_tokenizer)
     text_tok = load_text_tokenizer(folder, text_tokenizer) if with_text_tokenizer else None
+    from .hovle.checkpoint import is_hovle_folder
+
+    with_image_tokenizer = with_image_tokenizer and not is_hovle_folder(folder)  # HoVLE reads pixels
     image_tok = (load_image_tokenizer(folder, tokenizer, tokenizer_preset, device=dev, trust_pickle=trust_pickle)
                  if with_image_tokenizer else None)
     lm = load_model(folder, device=dev, dtype=torch_dtype, attn_backend=attn_backend, trust_pickle=trust_pickle)

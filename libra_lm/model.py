@@ -113,6 +113,37 @@ class _Context:
     probe: Callable | None = None  # LibraForCausalLM.attention_probe
 
 
+def key_padding_mask(attention_mask, cache, b: int, n: int, past: int, device) -> torch.Tensor:
+    """(B, past + N) bool, True for real tokens: `attention_mask` given for the new positions
+    (B, N) or for all (B, past + N), the cache's mask before the new ones; all real when None."""
+    if attention_mask is None:
+        new = torch.ones(b, n, dtype=torch.bool, device=device)
+        return new if past == 0 else torch.cat([cache.key_mask, new], 1)
+    attention_mask = attention_mask.to(device).bool()
+    if tuple(attention_mask.shape) == (b, past + n):
+        return attention_mask
+    if past and tuple(attention_mask.shape) == (b, n):
+        return torch.cat([cache.key_mask, attention_mask], 1)
+    raise ValueError(f"attention_mask must be (B, N) = ({b}, {n})"
+                     + (f" or (B, past + N) = ({b}, {past + n})" if past else "")
+                     + f", got {tuple(attention_mask.shape)}")
+
+
+class TrainableParameters:
+    """Parameter views of a model (mixed into nn.Module subclasses: the LM, HoVLE, its stage-1
+    objective): what trains is what requires a gradient."""
+
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for _, p in self.named_trainable_parameters())
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self.trainable_parameters() if trainable_only else self.parameters()
+        return sum(p.numel() for p in params)
+
+
 # ---- the decoder layer ---------------------------------------------------------------------------
 class LibraAttention(nn.Module):
     def __init__(self, config: LibraConfig, layer_idx: int):
@@ -271,7 +302,7 @@ class VisionHeads(nn.Module):
         return torch.stack([head(h) for head in self.heads], dim=1)
 
 
-class LibraForCausalLM(nn.Module):
+class LibraForCausalLM(TrainableParameters, nn.Module):
     def __init__(self, config: LibraConfig | str, attn_backend: str = "auto"):
         super().__init__()
         if isinstance(config, str):
@@ -362,15 +393,6 @@ class LibraForCausalLM(nn.Module):
             param.requires_grad_(not value or "vision" in name)
         self._frozen_llm = bool(value)
 
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for _, p in self.named_trainable_parameters())
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        params = self.trainable_parameters() if trainable_only else self.parameters()
-        return sum(p.numel() for p in params)
 
     # ---- forward ---------------------------------------------------------------------------------
     def check_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -446,7 +468,7 @@ class LibraForCausalLM(nn.Module):
 
         is_vision = input_ids[..., 0] >= cfg.text_vocab_size
         key_is_vision = is_vision if past == 0 else torch.cat([cache.is_vision, is_vision], 1)
-        key_mask = self._key_mask(attention_mask, cache, b, n, past, device)
+        key_mask = key_padding_mask(attention_mask, cache, b, n, past, device)
         if attention_mask is None:  # the new tokens are real: padding only where the cache has some
             has_padding = past > 0 and cache.has_padding
         else:
@@ -454,7 +476,7 @@ class LibraForCausalLM(nn.Module):
 
         if position_ids is None:
             if segment_ids is not None:
-                position_ids = _segment_positions(segment_ids)
+                position_ids = segment_positions(segment_ids)
             elif has_padding:
                 position_ids = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, past:]
             else:
@@ -494,21 +516,6 @@ class LibraForCausalLM(nn.Module):
             per, valid = self.token_losses(text_logits, vision_logits, labels, is_vision)
             loss = self._official_mean(per, valid)
         return LibraOutput(loss, text_logits, vision_logits, hidden, cache, per)
-
-    @staticmethod
-    def _key_mask(attention_mask, cache, b, n, past, device) -> torch.Tensor:
-        """(B, past + N) bool: True for real tokens."""
-        if attention_mask is None:
-            new = torch.ones(b, n, dtype=torch.bool, device=device)
-            return new if past == 0 else torch.cat([cache.key_mask, new], 1)
-        attention_mask = attention_mask.to(device).bool()
-        if tuple(attention_mask.shape) == (b, past + n):
-            return attention_mask
-        if past and tuple(attention_mask.shape) == (b, n):
-            return torch.cat([cache.key_mask, attention_mask], 1)
-        raise ValueError(f"attention_mask must be (B, N) = ({b}, {n})"
-                         + (f" or (B, past + N) = ({b}, {past + n})" if past else "")
-                         + f", got {tuple(attention_mask.shape)}")
 
     def _heads(self, hidden: torch.Tensor, router: Router) -> tuple[torch.Tensor, torch.Tensor]:
         """Text head on text positions, the vision heads on vision positions; -inf elsewhere
@@ -605,7 +612,7 @@ def _layout_hints(router: Router, n: int) -> dict:
     return {}
 
 
-def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions restarting at 0 where the segment id changes (packed sequences)."""
     b, n = segment_ids.shape
     idx = torch.arange(n, device=segment_ids.device).expand(b, n)
@@ -615,4 +622,5 @@ def _segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - start_of
 
 
-__all__ = ["LibraForCausalLM", "LibraModel", "LibraOutput", "KVCache", "IGNORE_INDEX", "rope_cos_sin", "apply_rope"]
+__all__ = ["LibraForCausalLM", "LibraModel", "LibraOutput", "KVCache", "IGNORE_INDEX", "rope_cos_sin", "apply_rope",
+           "key_padding_mask", "segment_positions", "TrainableParameters"]

@@ -56,6 +56,7 @@ from libra_tok.run import (
 
 from .config import LibraConfig
 from .data import INPUT_MODES, Batch, Collator, InstructionDataset, PretrainDataset, ShardImages, T2IDataset
+from .hovle.stages import ARCHS, HOVLE_FROZEN_LLM, HOVLE_STAGE_DEFAULTS, HOVLE_STAGES  # arch hovle: docs/hovle.md
 from .model import IGNORE_INDEX, LibraForCausalLM
 from .routing import RMSNorm
 from .text import MODEL_FILE
@@ -76,6 +77,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 PARALLEL = ("auto", "ddp", "fsdp")
 LOSS_REDUCTIONS = ("tokens", "official")
 CHECKPOINT_FORMAT = "libra-lm-train"
+SHARDED_FORMAT = "libra-lm-train-dcp"  # --parallel fsdp: a DCP folder per checkpoint (libra_tok.run.dcp)
 
 
 @dataclass
@@ -83,6 +85,14 @@ class TrainConfig(RunOptions):
     """Every field can be set in a YAML/JSON file and overridden on the command line.
     Fields left at None take the stage's official value (STAGE_DEFAULTS)."""
 
+    # ---- arch hovle (libra_lm.hovle.trainer; docs/hovle.md) ----
+    arch: str = option("libra, or hovle (the monolithic baseline; stages distill, align, sft; docs/hovle.md)",
+                       default="libra")
+    teacher: str | None = option("hovle --stage distill: the map of the shards' CLIP features to the LLM width: a "
+                                 "Libra folder or Hub id (its trained hybrid-input projection, frozen), linear (a "
+                                 "trainable map), or auto (init_from when it is a Libra model, else linear)",
+                                 default="auto")
+    # ---- end arch hovle ----
     stage: str = option("pretrain (image-caption shards, frozen LLM), sft (LLaVA JSON, everything trains) or t2i "
                         "(text-to-image on image-caption shards: caption, then the image; frozen LLM)",
                         default="pretrain")
@@ -133,8 +143,12 @@ class TrainConfig(RunOptions):
                                           default=True)
     precision: str = option("auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16", default="auto")
     attn_backend: str = option("bridged attention: auto, eager, sdpa, flex or cuda", default="auto")
-    parallel: str = option("multi-process training: auto (= ddp), ddp or fsdp (FSDP2 fully_shard per layer)",
-                           default="auto")
+    parallel: str = option("multi-process training: auto (= ddp), ddp or fsdp (FSDP2 fully_shard per layer, built "
+                           "on the meta device and loaded shard by shard, frozen weights in the compute dtype, sharded "
+                           "DCP checkpoints that resume on any number of processes; docs/scale.md)", default="auto")
+    device_memory_gb: float | None = option("memory of one device for the start-up memory plan (default: the GPU's; "
+                                            "CPU runs are not planned); a run that cannot fit stops before loading",
+                                            default=None)
     num_workers: int = option("data-loader worker processes", default=2)
     log_every: int = option("steps between metric lines", default=10)
     save_every: int = option("steps between checkpoints", default=1000)
@@ -149,13 +163,16 @@ class TrainConfig(RunOptions):
             setattr(self, name, [str(d) for d in getattr(self, name)])
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        for key, value in STAGE_DEFAULTS[self.stage].items():
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        stages, defaults = (HOVLE_STAGES, HOVLE_STAGE_DEFAULTS) if self.arch == "hovle" else (STAGES, STAGE_DEFAULTS)
+        if self.stage not in stages:
+            raise ValueError(f"stage must be one of {stages} for arch {self.arch}, got {self.stage!r}")
+        for key, value in defaults[self.stage].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
         if self.frozen_llm is None:
-            self.frozen_llm = self.stage in SHARD_STAGES
+            self.frozen_llm = HOVLE_FROZEN_LLM[self.stage] if self.arch == "hovle" else self.stage in SHARD_STAGES
         checks = [
             (self.input in INPUT_MODES, f"input must be one of {INPUT_MODES}, got {self.input!r}"),
             (self.parallel in PARALLEL, f"parallel must be one of {PARALLEL}, got {self.parallel!r}"),
@@ -334,6 +351,10 @@ class TrainResult:
 
 
 def _check_checkpoint(state: dict[str, Any]) -> str | None:
+    if state.get("sharded"):
+        if state.get("format") != SHARDED_FORMAT:
+            return f"format {state.get('format')!r}, expected {SHARDED_FORMAT!r}"
+        return missing_keys(state, ("step", "batches_seen", "samples_seen", "scheduler", "frozen_fingerprint"))
     if state.get("format") != CHECKPOINT_FORMAT:
         return f"format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
     return missing_keys(state, ("step", "batches_seen", "trainable", "optimizer", "scheduler", "rng",
@@ -344,23 +365,34 @@ class Trainer(TrainingLoop):
     throughput = Throughput("tokens_per_s", "tok_s", ".0f")
     loss_series = (("loss", "train loss", "tab:blue"), ("loss_image", "image part", "tab:orange"),
                    ("loss_text", "text part", "tab:green"), ("val_loss", "validation", "tab:red"))
+    # What an architecture's trainer sets (libra_lm.hovle.trainer.HoVLETrainer is the other one):
+    arch = "libra"
+    title = "Libra LM"  # of the loss plot and the progress bar
+    shard_stages = SHARD_STAGES  # stages whose training data are shard folders
+    meta_device_fsdp = True  # --parallel fsdp builds on the meta device and writes DCP checkpoints
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True):
         super().__init__(config, progress)
+        if config.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} trains arch {self.arch!r}, not {config.arch!r} (`libra-lm "
+                             "train` chooses the trainer by --arch; in Python libra_lm.train.train for libra, "
+                             "libra_lm.hovle.trainer.train for hovle)")
         cfg = config
-        self.plot_title = f"Libra LM {cfg.stage}"
-        self.progress_desc = f"train {cfg.stage}"
+        self.plot_title = f"{self.title} {cfg.stage}"
+        self.progress_desc = f"train {'' if self.arch == 'libra' else self.arch + ' '}{cfg.stage}"
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # official run: tf32 on
             torch.backends.cudnn.allow_tf32 = True
         self.parallel = "none" if self.d.world == 1 else ("ddp" if cfg.parallel == "auto" else cfg.parallel)
+        # --parallel fsdp: sharded loading and DCP checkpoints, also in one process (a run resumed on fewer).
+        self.sharded_checkpoints = cfg.parallel == "fsdp" and self.meta_device_fsdp
 
         # Data first: a wrong path or an empty set fails before any weights are loaded.
         self.text_tokenizer_path = self._text_tokenizer_path()
-        self.images = self._images(cfg.data if cfg.stage in SHARD_STAGES else cfg.image_shards)
-        self.lm_config, self.init_kind, self.lm_overrides = lm_config_for(cfg, self.images)
+        self.images = self._images(cfg.data if cfg.stage in self.shard_stages else cfg.image_shards)
+        self.lm_config, self.init_kind, self.lm_overrides = self._model_config()
         self.train_data, self.val_data = self._datasets()
-        self.image_tokenizer_identity = run_image_tokenizer(cfg, self.shard_sets)
+        self.image_tokenizer_identity = self._image_tokenizer_identity()
 
         # Read before any weights are loaded: a damaged checkpoint is reported at once.
         self.resume_from, resume_state_ = resume_state(self.out, resume, _check_checkpoint)
@@ -370,13 +402,19 @@ class Trainer(TrainingLoop):
             cfg.epochs * len(self.train_data) / self.world_batch)
         self.warmup_steps = math.ceil(self.total_steps * cfg.warmup_ratio)  # as HF get_warmup_steps
 
-        self.model = build_model(cfg, self.lm_config, self.init_kind, self.lm_overrides).to(self.device)
-        self.fingerprint = frozen_fingerprint(self.model)
-        needs_encoder = any(images.needs_encoder for images in self.shard_sets)
-        self.image_tok = (resolve_image_tokenizer(self.images, cfg.image_tokenizer, self.device, cfg.trust_pickle)
-                          if needs_encoder else None)
         self.dtype = torch.bfloat16 if (cfg.precision == "bf16" or (cfg.precision == "auto"
                                                                      and self.device.type == "cuda")) else torch.float32
+        self.memory_plan = self._check_memory()  # before any weights are loaded
+        if self.sharded_checkpoints:
+            from .sharding import fingerprint
+
+            self.model = self._build_sharded()
+            self.fingerprint = fingerprint(((n, p) for n, p in self.model.named_parameters() if not p.requires_grad),
+                                           self.d)
+        else:
+            self.model = self._build_model().to(self.device)
+            self.fingerprint = frozen_fingerprint(self.model)
+        self.image_tok = self._image_encoder()
         self.wrapped = self._wrap()
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                      eps=cfg.eps)
@@ -386,6 +424,53 @@ class Trainer(TrainingLoop):
         self._id_mismatch_logged = False
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from, resume_state_)
+
+    # -- setup: what an architecture's trainer overrides -------------------------------------------
+    def _model_config(self) -> tuple[Any, str, dict[str, Any]]:
+        """(the model config, where the weights come from, config overrides of the source)."""
+        return lm_config_for(self.cfg, self.images)
+
+    def _image_tokenizer_identity(self) -> dict[str, Any] | None:
+        """The image tokenizer of the run's ids, recorded in checkpoints and the final folder."""
+        return run_image_tokenizer(self.cfg, self.shard_sets)
+
+    def _make_dataset(self, sources: Sequence[str] | None, images: ShardImages | None):
+        """The dataset of `sources` (None: the training data); `images`: their shard images
+        (shard stages) or the run's image lookup (conversations)."""
+        cfg = self.cfg
+        if cfg.stage == "t2i":
+            return T2IDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
+                              max_words=cfg.max_words)
+        if cfg.stage in self.shard_stages:
+            return PretrainDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
+                                   max_words=cfg.max_words, eos=cfg.caption_eos)
+        return InstructionDataset(sources or cfg.data, images, self.text_tokenizer_path, self.lm_config,
+                                  max_length=cfg.max_length)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model on the CPU (one process, DDP, and FSDP without the meta-device build)."""
+        return build_model(self.cfg, self.lm_config, self.init_kind, self.lm_overrides)
+
+    def _image_encoder(self):
+        """The frozen image tokenizer that computes CLIP features the shards do not store, or None."""
+        if not any(images.needs_encoder for images in self.shard_sets):
+            return None
+        return resolve_image_tokenizer(self.images, self.cfg.image_tokenizer, self.device, self.cfg.trust_pickle)
+
+    def _objective(self, module: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to backpropagate, its parts: float64 [image loss sum, image labels, text
+        loss sum, text labels]) of one micro-batch; the loss averages over `_counts` labels."""
+        out = self._forward(module, batch, with_loss=True)
+        with torch.no_grad():
+            per, valid, image = label_loss_terms(out, batch.labels, self.lm_config)
+            text = valid & ~image
+            parts = torch.tensor([float(per[image].sum()), int(image.sum()), float(per[text].sum()), int(text.sum())],
+                                 dtype=torch.float64)
+        return out.loss, parts
+
+    def _counts(self, micro: Sequence[Batch]) -> list[int]:
+        """What each micro-batch's loss averages over (the token-mean reduction weighs by it)."""
+        return [b.num_labels for b in micro]
 
     # -- setup ----------------------------------------------------------------------------------
     def _text_tokenizer_path(self) -> str:
@@ -403,7 +488,7 @@ class Trainer(TrainingLoop):
 
     def _images(self, folders: Sequence[str]) -> ShardImages | None:
         if not folders:
-            if self.cfg.stage in SHARD_STAGES:
+            if self.cfg.stage in self.shard_stages:
                 raise ValueError("no training data: pass the shard folders written by `libra-tok encode`")
             return None
         return self._shard_images(folders)
@@ -415,23 +500,18 @@ class Trainer(TrainingLoop):
     def _datasets(self):
         cfg = self.cfg
         if not cfg.data:
-            raise ValueError("no training data: pass " + ("shard folders" if cfg.stage in SHARD_STAGES else
+            raise ValueError("no training data: pass " + ("shard folders" if cfg.stage in self.shard_stages else
                                                           "LLaVA-format JSON files"))
 
         def make(sources=None):
-            if cfg.stage in SHARD_STAGES:
+            if cfg.stage in self.shard_stages:
                 images = self.images if sources is None else self._shard_images(sources)
                 if images.tokenizer["weights_sha256"] != self.images.tokenizer["weights_sha256"]:
                     raise ValueError(f"the validation shards {', '.join(sources)} were encoded by another image "
                                      "tokenizer than the training shards; encode both with the same one")
                 self.shard_sets.append(images)
-                if cfg.stage == "t2i":
-                    return T2IDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
-                                      max_words=cfg.max_words)
-                return PretrainDataset(images, self.text_tokenizer_path, self.lm_config, max_length=cfg.max_length,
-                                       max_words=cfg.max_words, eos=cfg.caption_eos)
-            return InstructionDataset(sources or cfg.data, self.images, self.text_tokenizer_path, self.lm_config,
-                                      max_length=cfg.max_length)
+                return self._make_dataset(sources, images)
+            return self._make_dataset(sources, self.images)
 
         self.shard_sets = [self.images] if self.images is not None else []
         train_data = make()
@@ -446,6 +526,46 @@ class Trainer(TrainingLoop):
             val_data = _Subset(val_data, np.arange(cfg.val_max_samples))  # official: the first 5000
         return train_data, val_data
 
+    def _check_memory(self):
+        """The memory plan per process (logged by the main process); stops a run that cannot fit."""
+        from .memory_plan import check_fits, device_bytes, plan
+
+        cfg = self.cfg
+        mode = "fsdp" if self.sharded_checkpoints and self.d.world > 1 else self.parallel
+        p = plan(self.lm_config, frozen_llm=bool(cfg.frozen_llm), parallel=mode, world=self.d.world,
+                 precision="bf16" if self.dtype == torch.bfloat16 else "fp32", batch_size=cfg.batch_size,
+                 seq_len=(cfg.pack_length or cfg.max_length) if cfg.packing else cfg.max_length,
+                 checkpointing=cfg.gradient_checkpointing)
+        if self.d.main:
+            log.info("%s", p.table())
+        capacity = device_bytes(self.device, cfg.device_memory_gb)
+        if capacity is not None:
+            check_fits(p, self.lm_config, capacity, str(self.device))
+        return p
+
+    def _build_sharded(self) -> LibraForCausalLM:
+        """--parallel fsdp: built on the meta device, sharded, each process reading its slices
+        of the starting weights (libra_lm.sharding)."""
+        from .checkpoint import open_folder
+        from .sharding import build_sharded
+
+        cfg = self.cfg
+        source = None
+        if self.init_kind != "preset":
+            _, source = open_folder(cfg.init_from, trust_pickle=cfg.trust_pickle, **self.lm_overrides)
+        mesh = None
+        if self.d.world > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.d.world,))
+        with contextlib.closing(source) if source is not None else contextlib.nullcontext():
+            model = build_sharded(self.lm_config, self.init_kind, source, seed=cfg.seed,
+                                  frozen_llm=bool(cfg.frozen_llm), mesh=mesh, param_dtype=self.dtype,
+                                  device=self.device)
+        model.gradient_checkpointing = cfg.gradient_checkpointing
+        model.attn_backend = cfg.attn_backend
+        return model.train()
+
     def _wrap(self) -> torch.nn.Module:
         # A batch without images (or text) would skip that modality's modules, and ranks would
         # then reduce different gradients: run them on zero rows instead (zero gradients).
@@ -455,16 +575,7 @@ class Trainer(TrainingLoop):
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             return DDP(self.model, device_ids=ids)
-        if self.parallel == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mesh = init_device_mesh(self.device.type, (self.d.world,))
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
-            for layer in self.model.model.layers:
-                fully_shard(layer, mesh=mesh, mp_policy=mp)
-            fully_shard(self.model, mesh=mesh, mp_policy=mp)
-        return self.model
+        return self.model  # fsdp: sharded when built (_build_sharded)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def _state_options(self, **kw):
@@ -478,6 +589,17 @@ class Trainer(TrainingLoop):
             get_optimizer_state_dict,
         )
 
+        if self.sharded_checkpoints:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+            # Each process's shards of what trains (DTensors under FSDP), written by DCP in parallel.
+            trainable = get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=True))
+            return {"format": SHARDED_FORMAT, "total_steps": self.total_steps, "lm_config": self.lm_config.to_dict(),
+                    "init_kind": self.init_kind, "lm_overrides": self.lm_overrides,
+                    "image_tokenizer": self.image_tokenizer_identity, "frozen_dtype": str(self.dtype),
+                    "scheduler": self.sched.state_dict(), "frozen_fingerprint": self.fingerprint,
+                    "samples_seen": self.batches_seen * self.d.world * self.cfg.batch_size,
+                    "tensors": {"model": trainable, "optimizer": get_optimizer_state_dict(self.model, self.opt)}}
         # Collective under FSDP: every rank calls it, rank 0 writes.
         trainable = get_model_state_dict(self.model, options=self._state_options(ignore_frozen_params=True))
         optimizer = get_optimizer_state_dict(self.model, self.opt, options=self._state_options())
@@ -498,6 +620,8 @@ class Trainer(TrainingLoop):
         )
 
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if state.get("sharded"):
+            return self._load_sharded(path, state, names)
         if set(state["trainable"]) != names:
             raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
                              f"(frozen_llm {self.cfg.frozen_llm}); resume with the options the run started with")
@@ -508,23 +632,68 @@ class Trainer(TrainingLoop):
         set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=self._state_options())
         self.sched.load_state_dict(state["scheduler"])
 
+    def _load_sharded(self, path: Path, state: dict[str, Any], names: set[str]) -> None:
+        """Each process reads the slices it now owns: the same split as when saved, or another
+        one on another number of processes (DCP re-shards)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from libra_tok.run import load_sharded, sharded_tensor_keys
+
+        saved = {k.removeprefix("model.") for k in sharded_tensor_keys(path) if k.startswith("model.")}
+        if saved != names:
+            raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
+                             f"(frozen_llm {self.cfg.frozen_llm}); resume with the options the run started with")
+        if state["frozen_fingerprint"] != self.fingerprint:
+            raise ValueError(f"the frozen weights differ from those the run in {self.out} started from (was "
+                             "--init-from, --preset, --lm, --precision or --seed changed?); resume with the same "
+                             "starting point")
+        options = StateDictOptions(ignore_frozen_params=True)
+        tensors = {"model": get_model_state_dict(self.model, options=options),
+                   "optimizer": get_optimizer_state_dict(self.model, self.opt)}
+        load_sharded(path, tensors)
+        set_model_state_dict(self.model, tensors["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(self.model, self.opt, tensors["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+    def load_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        super().load_checkpoint(path, state)
+        if "samples_seen" not in state:
+            return
+        # The data position in samples: a run resumed on another number of processes reads on from there.
+        per_batch = self.d.world * self.cfg.batch_size
+        if state["samples_seen"] % per_batch:
+            raise ValueError(f"{path} was written after {state['samples_seen']} samples, which {self.d.world} "
+                             f"process(es) x --batch-size {self.cfg.batch_size} do not divide; choose a batch size "
+                             "that does (keep processes x batch size x grad accumulation as before for the same steps)")
+        self.batches_seen = state["samples_seen"] // per_batch
+        if state.get("world") != self.d.world and self.d.main:
+            log.info("resuming a checkpoint of %s process(es) on %d: the same samples per step, but sums over "
+                     "processes run in another order, so the steps equal an uninterrupted run to rounding, not "
+                     "bitwise", state.get("world"), self.d.world)
+
     def save_final(self) -> Path:
         """The trained model as a libra-lm folder (config.json + model.safetensors) with the
         text tokenizer beside it, ready for `libra-lm generate --model`; config.json records
         the image tokenizer of the training ids (`run_image_tokenizer`)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         final = self.out / "final"
-        if self.parallel == "fsdp":
-            state = get_model_state_dict(self.model, options=self._state_options())
+        if self.sharded_checkpoints:
+            # Streamed from the last checkpoint by one process, one output shard in memory at a time.
+            from .export import export_checkpoint
+
+            barrier(self.d)
             if self.d.main:
-                with torch.device("meta"):
-                    model = LibraForCausalLM(self.lm_config)
-                model.load_state_dict(state, assign=True)
-                model.save_pretrained(final, image_tokenizer=self.image_tokenizer_identity)
-        elif self.d.main:
-            self.model.save_pretrained(final, image_tokenizer=self.image_tokenizer_identity)
+                export_checkpoint(self.last_checkpoint, final, text_tokenizer=self.text_tokenizer_path,
+                                  trust_pickle=self.cfg.trust_pickle, replace=True, progress=self.progress)
+            barrier(self.d)
+            return final
         if self.d.main:
+            self.model.save_pretrained(final, image_tokenizer=self.image_tokenizer_identity)
             atomic_write_bytes(final / MODEL_FILE, Path(self.text_tokenizer_path).read_bytes())
         barrier(self.d)
         return final
@@ -592,24 +761,21 @@ class Trainer(TrainingLoop):
         says, clip, step. Returns the step's metrics (global over processes)."""
         cfg = self.cfg
         self.model.train()
-        counts = [b.num_labels for b in micro]
+        counts = self._counts(micro)
         total = float(all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64), self.d))
-        sums = torch.zeros(7, dtype=torch.float64)  # official loss sum, labels, text sum, n, image sum, n, tokens
+        sums = torch.zeros(7, dtype=torch.float64)  # loss sum, count, image sum, n, text sum, n, tokens
         for i, batch in enumerate(micro):
             batch = batch.to(self.device, non_blocking=True)
             with self._sync_context(i == len(micro) - 1):
-                out = self._forward(self.wrapped, batch, with_loss=True)
+                loss, parts = self._objective(self.wrapped, batch)
                 if cfg.loss_reduction == "tokens":
                     # DDP/FSDP average gradients over processes: scale by world to get the global token mean.
-                    loss = out.loss * (counts[i] * self.d.world / max(total, 1.0))
+                    scaled = loss * (counts[i] * self.d.world / max(total, 1.0))
                 else:
-                    loss = out.loss / len(micro)
-                loss.backward()
-            with torch.no_grad():
-                per, valid, image = label_loss_terms(out, batch.labels, self.lm_config)
-                text = valid & ~image
-                sums += torch.tensor([float(out.loss) * counts[i], counts[i], float(per[text].sum()), int(text.sum()),
-                                      float(per[image].sum()), int(image.sum()), batch.num_tokens], dtype=torch.float64)
+                    scaled = loss / len(micro)
+                scaled.backward()
+            sums += torch.cat([torch.tensor([float(loss.detach()) * counts[i], counts[i]], dtype=torch.float64), parts,
+                               torch.tensor([batch.num_tokens], dtype=torch.float64)])
         sums = all_reduce_sum(sums, self.d)
         loss_value = float(sums[0] / sums[1].clamp(min=1))
         if not math.isfinite(loss_value):
@@ -623,8 +789,8 @@ class Trainer(TrainingLoop):
         self.opt.zero_grad(set_to_none=True)
         return {
             "loss": loss_value,
-            "loss_image": float(sums[4] / sums[5]) if sums[5] > 0 else None,
-            "loss_text": float(sums[2] / sums[3]) if sums[3] > 0 else None,
+            "loss_image": float(sums[2] / sums[3]) if sums[3] > 0 else None,
+            "loss_text": float(sums[4] / sums[5]) if sums[5] > 0 else None,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "labels": int(sums[1]),
@@ -647,23 +813,19 @@ class Trainer(TrainingLoop):
         mine = mine + [chunks[0]] * (rounds - len(mine))
         loader = DataLoader(self.val_data, batch_sampler=mine, num_workers=min(cfg.num_workers, 2),
                             collate_fn=self._collator())
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)  # image loss sum, n, text loss sum, n
         module = self.model if self.parallel == "ddp" else self.wrapped  # no DDP hooks for evaluation
         for weight, batch in zip(weights, loader, strict=True):
-            batch = batch.to(self.device)
-            out = self._forward(module, batch, with_loss=True)
-            per, valid, image = label_loss_terms(out, batch.labels, self.lm_config)
-            text = valid & ~image
-            sums += weight * torch.tensor([float(per[valid].sum()), int(valid.sum()), float(per[text].sum()),
-                                           int(text.sum()), float(per[image].sum()), int(image.sum())],
-                                          dtype=torch.float64)
+            _, parts = self._objective(module, batch.to(self.device))
+            sums += weight * parts
         sums = all_reduce_sum(sums, self.d)
         self.model.train()
-        row = {"val_loss": float(sums[0] / sums[1].clamp(min=1)), "val_samples": n}
+        # The token mean over every label, whatever the training reduction.
+        row = {"val_loss": float((sums[0] + sums[2]) / (sums[1] + sums[3]).clamp(min=1)), "val_samples": n}
         if sums[3] > 0:
             row["val_loss_text"] = float(sums[2] / sums[3])
-        if sums[5] > 0:
-            row["val_loss_image"] = float(sums[4] / sums[5])
+        if sums[1] > 0:
+            row["val_loss_image"] = float(sums[0] / sums[1])
         return row
 
     # -- the loop -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .images import ShardImages, check_images_fit
 MAX_LISTED = 1000  # left-out samples named in a dataset's `skipped`
 
 
-class _TextTokenizerMixin:
+class TextTokenizerMixin:
     """Loads the SentencePiece model lazily, once per process (workers included)."""
 
     text_tokenizer_path: str
@@ -39,7 +39,7 @@ class _TextTokenizerMixin:
         return state
 
 
-class CaptionedShards(_TextTokenizerMixin, Dataset):
+class CaptionedShards(TextTokenizerMixin, Dataset):
     """The image-caption pairs of shards, one example per captioned sample (captions lowercased,
     at most `max_words` words); samples without a caption are left out and listed in `skipped`.
     Items are addressed by position or by a (position, seed) key as the trainer's keyed batch
@@ -99,7 +99,7 @@ class PretrainDataset(CaptionedShards):
                                 image=self.images.image(index), eos=self.eos, max_length=self.max_length)
 
 
-class InstructionDataset(_TextTokenizerMixin, Dataset):
+class InstructionDataset(TextTokenizerMixin, Dataset):
     """LLaVA-format JSON (a list of {image?, conversations}) -> instruction examples; each
     sample's image is looked up in the shards by its path. Samples whose image is missing
     are left out and listed in `skipped` (the official loader skips them too)."""
@@ -154,4 +154,4 @@ class InstructionDataset(_TextTokenizerMixin, Dataset):
                                     max_length=self.max_length)
 
 
-__all__ = ["CaptionedShards", "PretrainDataset", "InstructionDataset", "MAX_LISTED"]
+__all__ = ["TextTokenizerMixin", "CaptionedShards", "PretrainDataset", "InstructionDataset", "MAX_LISTED"]

@@ -59,7 +59,9 @@ class ImageBank:
         ids = torch.from_numpy(self.shards.ids(index))
         return image_segment(ids, feats, self.config)
 
-    def _read(self, ref: ImageRef):
+    def read(self, ref: ImageRef):
+        """The PIL image of `ref` (a file, or bytes from a benchmark table); a ValueError names
+        an image that cannot be read."""
         from libra_tok.data import ImageReadError, decode_image_bytes, load_image
 
         if ref.path is not None:
@@ -89,7 +91,7 @@ class ImageBank:
         for i in range(0, len(to_encode), self.batch_size):
             chunk = to_encode[i:i + self.batch_size]
             with torch.no_grad():
-                segs = image_segments(self.tokenizer, [self._read(r) for r in chunk], self.config, self.precision)
+                segs = image_segments(self.tokenizer, [self.read(r) for r in chunk], self.config, self.precision)
             self.encoded += len(chunk)
             for ref, seg in zip(chunk, segs, strict=True):
                 self._put(ref.key, seg, wanted)

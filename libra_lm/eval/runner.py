@@ -116,6 +116,14 @@ def answer_batch(model, text_tokenizer, bank: ImageBank, task: Task, questions: 
                  template: str, max_new_tokens: int) -> list[dict[str, Any]]:
     """Greedy answers of one batch as answer-file records."""
     cfg = model.config
+    if getattr(model, "arch", "libra") == "hovle":  # the monolithic baseline reads raw pixels (docs/hovle.md)
+        from ..hovle.generate import chat as hovle_chat
+
+        images = [bank.read(q.image) if q.image is not None else None for q in questions]
+        out = hovle_chat(model, text_tokenizer, [task.prompt(q) for q in questions], images, template=template,
+                         max_new_tokens=max_new_tokens)
+        return [{"task": task.name, "question_id": q.qid, "prompt": task.prompt(q), "answer": out.texts[i].strip(),
+                 "tokens": out.lengths[i], "stop": out.stop_reasons[i]} for i, q in enumerate(questions)]
     segments = bank.segments([q.image for q in questions])
     prompts = [build_prompt(text_tokenizer, cfg, task.prompt(q), image=seg, template=template)
                for q, seg in zip(questions, segments, strict=True)]
@@ -189,12 +197,16 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     model_path = inference.resolve_model(cfg.model, text_tokenizer=cfg.text_tokenizer is None,
                                          image_tokenizer=cfg.tokenizer is None and cfg.tokenizer_preset is None)
     text_tok = inference.load_text_tokenizer(model_path, cfg.text_tokenizer)
-    image_tok = inference.load_image_tokenizer(model_path, cfg.tokenizer, cfg.tokenizer_preset, device=device,
-                                               trust_pickle=cfg.trust_pickle)
+    from ..hovle.checkpoint import is_hovle_folder
+
+    hovle = is_hovle_folder(model_path)  # HoVLE reads pixels: no image tokenizer (docs/hovle.md)
+    image_tok = None if hovle else inference.load_image_tokenizer(
+        model_path, cfg.tokenizer, cfg.tokenizer_preset, device=device, trust_pickle=cfg.trust_pickle)
     from libra_tok.pipeline import weights_digest
 
     digests = {"model": model_digest(model_path, _cached_model_digest(out)),
-               "image_tokenizer": weights_digest(image_tok), "text_tokenizer": sha256_file(text_tok.path)}
+               "image_tokenizer": None if hovle else weights_digest(image_tok),
+               "text_tokenizer": sha256_file(text_tok.path)}
     record = _run_record(cfg, model_path, digests)
     _check_run(out, record)
     out.mkdir(parents=True, exist_ok=True)
