@@ -470,3 +470,27 @@ def max_err(x, ref):
     """Largest elementwise error over the largest magnitude: catches one wrong row or tile
     that a norm would average away."""
     return ((x.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+# ---- training runs: the damaged-checkpoint story both trainers tell ------------------------------------
+def check_damaged_checkpoint_flow(main, cfg, train, rerun: list[str], caplog) -> None:
+    """With checkpoints at steps 2 and 4 of a 6-step run in `cfg.out_dir`, and step 4 damaged:
+    `train --resume` names the damaged file and the intact one; a rerun without --resume (the
+    `rerun` arguments) names the folder and the option; after the damaged file is deleted, as the
+    message says, `train(cfg, resume=True)` resumes from step 2 and finishes."""
+    from click.testing import CliRunner
+
+    ckpt = Path(cfg.out_dir) / "checkpoints"
+    last, good = ckpt / "step-00000004.pt", ckpt / "step-00000002.pt"
+    runner = CliRunner()
+    error = cli_error(runner.invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
+    assert error.startswith(f"Error: {last} is damaged ("), error
+    assert error.endswith(f"); {good} is intact: delete {last.name} to resume from it"), error
+    error = cli_error(runner.invoke(main, ["train", *rerun, "--out-dir", cfg.out_dir]))
+    assert error == (f"Error: {cfg.out_dir} already holds checkpoints (last: step-00000004.pt); pass --resume to "
+                     "continue that run or choose another --out-dir")
+    last.unlink()
+    with caplog.at_level("WARNING", logger="libra_tok.run"):
+        result = train(cfg, resume=True, progress=False)
+    assert result.step == 6
+    assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text

@@ -253,7 +253,7 @@ def test_plan_is_built_once_per_batch_and_reused_by_the_backward(monkeypatch):
     calls = []
     real = partition.make_plan
     monkeypatch.setattr(partition, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(partition, "_plan_cache", {})
+    monkeypatch.setattr(partition, "_plans", partition.LastLayout())
     inputs, is_vision, segment_ids = _small_op_inputs()
     x = inputs[0]
     for _ in range(3):  # three layers

@@ -23,6 +23,7 @@ from builders import (
     TINY,
     MarkerPayload,
     Opaque,
+    check_damaged_checkpoint_flow,
     cli_error,
     free_port,
     hf_llama,
@@ -453,22 +454,10 @@ def test_resume_refuses_a_pickled_payload_and_damaged_files(tmp_path, shard_dirs
     assert not marker.exists()
     assert error.startswith(f"Error: {last} is refused: it holds Python objects besides tensors ("), error
     assert error.endswith(f"; {good} is intact: delete {last.name} to resume from it"), error
-    # A truncated file: named, with the intact one.
+    # A truncated file: named, with the intact one; then the rest of the story (builders).
     last.write_bytes(original[: len(original) // 2])
-    error = cli_error(runner.invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
-    assert error.startswith(f"Error: {last} is damaged ("), error
-    assert error.endswith(f"); {good} is intact: delete {last.name} to resume from it"), error
-    # Rerunning without --resume names the folder and the option.
-    error = cli_error(runner.invoke(main, ["train", str(shard_dirs[0]), "--out-dir", cfg.out_dir, "--text-tokenizer",
-                                           str(sp), "--device", "cpu"]))
-    assert error == (f"Error: {cfg.out_dir} already holds checkpoints (last: step-00000004.pt); pass --resume to "
-                     "continue that run or choose another --out-dir")
-    # The offered fix: latest.json names a missing file, the newest intact checkpoint is used.
-    last.unlink()
-    with caplog.at_level("WARNING", logger="libra_tok.run"):
-        result = train(cfg, resume=True, progress=False)
-    assert result.step == 6
-    assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text
+    rerun = [str(shard_dirs[0]), "--text-tokenizer", str(sp), "--device", "cpu"]
+    check_damaged_checkpoint_flow(main, cfg, train, rerun, caplog)
 
 
 def test_resume_drops_repeated_and_partial_metric_rows(tmp_path, shard_dirs, sp):

@@ -11,7 +11,17 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from builders import ROOT, MarkerPayload, Opaque, cli_error, free_port, hf_tiny_clip, hf_vision_state, point_latest_at
+from builders import (
+    ROOT,
+    MarkerPayload,
+    Opaque,
+    check_damaged_checkpoint_flow,
+    cli_error,
+    free_port,
+    hf_tiny_clip,
+    hf_vision_state,
+    point_latest_at,
+)
 from libra_tok import ImageTokenizer
 from libra_tok.run import TrainingDiverged
 from libra_tok.train import TrainConfig, train
@@ -239,24 +249,10 @@ def test_damaged_checkpoint_names_the_intact_one(tmp_path, caplog, damage):
 
     cfg = small_config(tmp_path, steps=6, save_every=2)
     train(cfg, progress=False, stop_at=4)
-    ckpt = Path(cfg.out_dir) / "checkpoints"
-    last, good = ckpt / "step-00000004.pt", ckpt / "step-00000002.pt"
+    last = Path(cfg.out_dir) / "checkpoints" / "step-00000004.pt"
     data = last.read_bytes()
     last.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(4096), "empty": b""}[damage])
-    runner = CliRunner()
-    error = cli_error(runner.invoke(main, ["train", "--out-dir", cfg.out_dir, "--resume"]))
-    assert error.startswith(f"Error: {last} is damaged ("), error
-    assert error.endswith(f"); {good} is intact: delete {last.name} to resume from it"), error
-    # Rerunning without --resume names the folder and the option.
-    error = cli_error(runner.invoke(main, ["train", str(ROOT / "assets"), "--out-dir", cfg.out_dir, "--steps", "6"]))
-    assert error == (f"Error: {cfg.out_dir} already holds checkpoints (last: step-00000004.pt); pass --resume to "
-                     "continue that run or choose another --out-dir")
-    # The fix the message offers: latest.json now names a missing file, the newest intact one is used.
-    last.unlink()
-    with caplog.at_level("WARNING", logger="libra_tok.run"):
-        result = train(cfg, resume=True, progress=False)
-    assert result.step == 6
-    assert f"latest.json names step-00000004.pt, which is missing; resuming from {good}" in caplog.text
+    check_damaged_checkpoint_flow(main, cfg, train, [str(ROOT / "assets"), "--steps", "6"], caplog)
 
 
 def test_damaged_checkpoint_without_an_intact_one(tmp_path):

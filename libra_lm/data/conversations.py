@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from libra_tok.jsonl import iter_json_lines
+
 from .. import templates
 from ..config import LibraConfig
 from ..segments import image_segment
@@ -87,14 +89,12 @@ def records_of(json_files: Sequence[str | Path]) -> Iterator[tuple[str, dict]]:
     for path in json_files:
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            if path.suffix == ".jsonl":  # errors name the line (libra_tok.jsonl)
+                data = [row for _, row in iter_json_lines(path, "one {image, conversations} sample per line")]
+            else:
+                data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise FileNotFoundError(f"cannot read instruction data {path}: {exc.strerror or exc}") from None
-        try:
-            if path.suffix == ".jsonl":
-                data = [json.loads(x) for x in text.splitlines() if x.strip()]
-            else:
-                data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, list):

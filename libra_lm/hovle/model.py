@@ -162,7 +162,6 @@ class HoVLEForCausalLM(TrainableParameters, nn.Module):
         """Every decoder layer of both stacks (the units of FSDP sharding)."""
         return [*self.embedding_model.layers, *self.language_model.model.layers]
 
-
     # ---- forward ---------------------------------------------------------------------------------
     def forward(
         self,

@@ -11,15 +11,15 @@ and `segment_ids`, so it is built once per batch and reused by every layer.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
+
+from .layout_cache import LastLayout
 
 FLEX_BLOCK = 128  # flex's default block size; views are padded to it so halves never share a block
 
 _flex_compiled = None
-_mask_cache: dict = {}
+_masks = LastLayout()
 
 
 def _flex_attention():
@@ -81,30 +81,8 @@ def flex_block_mask(is_vision: Tensor, segment_ids: Tensor | None = None):
 
 
 def _cached_block_mask(is_vision: Tensor, segment_ids: Tensor | None):
-    """One mask per batch: layers pass the same `is_vision` tensor, so the last mask is reused
-    while that tensor (and `segment_ids`) is alive and unmodified."""
-    if torch.compiler.is_compiling():
-        return flex_block_mask(is_vision, segment_ids)
-    key = (
-        is_vision._version,
-        None if segment_ids is None else segment_ids._version,
-    )
-    hit = _mask_cache.get("entry")
-    if hit is not None:
-        ref_vis, ref_seg, cached_key, mask = hit
-        same_seg = (segment_ids is None and ref_seg is None) or (
-            ref_seg is not None and segment_ids is not None and ref_seg() is segment_ids
-        )
-        if ref_vis() is is_vision and same_seg and cached_key == key:
-            return mask
-    mask = flex_block_mask(is_vision, segment_ids)
-    _mask_cache["entry"] = (
-        weakref.ref(is_vision),
-        None if segment_ids is None else weakref.ref(segment_ids),
-        key,
-        mask,
-    )
-    return mask
+    """`flex_block_mask`, built once per batch (libra_lm.kernels.layout_cache)."""
+    return _masks.get(lambda: flex_block_mask(is_vision, segment_ids), is_vision, segment_ids)
 
 
 def _views(k: Tensor, k_x: Tensor, is_vision: Tensor, n_pad: int) -> Tensor:

@@ -12,11 +12,11 @@ and the PyTorch reference in `reference.py`. It depends only on `is_vision` and 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 
+from .layout_cache import LastLayout
 from .tiles import KEY_GROUP, PLAN_BLOCK_M
 
 
@@ -135,30 +135,9 @@ def make_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, block_m
     )
 
 
-_plan_cache: dict = {}
+_plans = LastLayout()
 
 
 def cached_plan(is_vision: torch.Tensor, segment_ids: torch.Tensor | None, block_m: int = PLAN_BLOCK_M) -> Plan:
-    """`make_plan`, built once per batch: the layers of a forward pass give the same
-    `is_vision` (and `segment_ids`) tensors, so the last plan is reused while those tensors are
-    alive and unmodified (by identity and version counter). Inside torch.compile the plan is
-    built in the graph."""
-    if torch.compiler.is_compiling():
-        return make_plan(is_vision, segment_ids, block_m)
-    key = (is_vision._version, None if segment_ids is None else segment_ids._version, block_m)
-    hit = _plan_cache.get("entry")
-    if hit is not None:
-        ref_vis, ref_seg, cached_key, plan = hit
-        same_seg = (segment_ids is None and ref_seg is None) or (
-            ref_seg is not None and segment_ids is not None and ref_seg() is segment_ids
-        )
-        if ref_vis() is is_vision and same_seg and cached_key == key:
-            return plan
-    plan = make_plan(is_vision, segment_ids, block_m)
-    _plan_cache["entry"] = (
-        weakref.ref(is_vision),
-        None if segment_ids is None else weakref.ref(segment_ids),
-        key,
-        plan,
-    )
-    return plan
+    """`make_plan`, built once per batch (libra_lm.kernels.layout_cache)."""
+    return _plans.get(lambda: make_plan(is_vision, segment_ids, block_m), is_vision, segment_ids, block_m)
