@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import click
@@ -11,6 +12,17 @@ import click
 # wrong and how to fix it. Everything else (a bug, a CUDA out-of-memory, a KeyError) keeps its
 # traceback, which is what a bug report needs.
 USER_ERRORS = (ValueError, OSError)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option, optionally bounded as click.FloatRange, that also refuses NaN and the
+    infinities (every comparison with NaN is False, so FloatRange alone lets it through)."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
 
 
 def fail_on_errors(fn):

@@ -8,9 +8,9 @@ import click
 
 from libra_lm.train import TrainConfig
 
-from .common import dataclass_options, fail_on_errors, run_file_options, run_options
+from .common import FiniteFloat, dataclass_options, fail_on_errors, run_file_options, run_options
 from .hub import lm_push_command, offline_option
-from .lm_options import execution_options, finite, image_tokenizer_options, model_option, text_tokenizer_option
+from .lm_options import execution_options, image_tokenizer_options, model_option, text_tokenizer_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -31,10 +31,10 @@ def main() -> None:
                    "(<s> image \\n prompt).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Most tokens to generate.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, callback=finite,
+@click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True,
               help="Sampling temperature (a finite number >= 0); 0 = greedy decoding.")
-@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
-              callback=finite, help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
+@click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: keep the smallest set of tokens with this probability mass.")
 @click.option("--stop", "stop_strings", multiple=True,
               help="Stop when the answer contains this string (repeatable); generation also stops at EOS.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling.")
@@ -134,7 +134,7 @@ def train_command(data: tuple[Path, ...], config_file: Path | None, resume: bool
               help="Write RUN_DIR/final (replacing it), as training does at its end, instead of OUT.")
 @click.option("--step", type=click.IntRange(min=0), default=None,
               help="Export the checkpoint of this step (default: the one checkpoints/latest.json names).")
-@click.option("--max-shard-size", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+@click.option("--max-shard-size", type=FiniteFloat(min=0, min_open=True), default=2.0, show_default=True,
               help="Largest safetensors file in GiB; also the most memory the export holds at once.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow Python objects in pickled weights of the run's --init-from folder (pytorch_model.bin); "

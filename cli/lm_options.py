@@ -4,8 +4,6 @@ The libraries load what they name (`libra_lm.inference`)."""
 
 from __future__ import annotations
 
-import math
-
 import click
 
 from libra_lm.inference import DTYPES
@@ -13,13 +11,6 @@ from libra_lm.inference import DTYPES
 from .hub import MODEL_HELP, ModelRef, offline_option
 
 ATTN_BACKENDS = ("auto", "eager", "sdpa", "flex", "cuda")
-
-
-def finite(ctx, param, value):
-    """click's FloatRange lets NaN (and inf) through: every comparison with NaN is False."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a finite number")
-    return value
 
 
 def model_option(multiple: bool = False, extra_help: str = ""):
@@ -65,5 +56,5 @@ def execution_options(fn):
     return fn
 
 
-__all__ = ["finite", "model_option", "image_tokenizer_options", "text_tokenizer_option", "execution_options",
+__all__ = ["model_option", "image_tokenizer_options", "text_tokenizer_option", "execution_options",
            "ATTN_BACKENDS"]

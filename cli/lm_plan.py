@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .common import fail_on_errors
+from .common import FiniteFloat, fail_on_errors
 
 STAGES = ("pretrain", "sft", "t2i")
 
@@ -29,7 +29,7 @@ STAGES = ("pretrain", "sft", "t2i")
               help="Compute precision (bf16: frozen weights stored in bf16 under fsdp).")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=True, show_default=True,
               help="Recompute each layer's activations in the backward (keeps one layer's working set).")
-@click.option("--device-memory-gb", type=click.FloatRange(min=0, min_open=True), default=80.0, show_default=True,
+@click.option("--device-memory-gb", type=FiniteFloat(min=0, min_open=True), default=80.0, show_default=True,
               help="Memory of one GPU in GiB; the plan must fit in 90 % of it.")
 @fail_on_errors
 def memory_plan_command(preset: str, stage: str, batch_size: int | None, max_length: int | None, parallel: str,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail_on_errors
+from .common import FiniteFloat, fail_on_errors
 from .lm_options import execution_options, image_tokenizer_options, model_option, text_tokenizer_option
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -16,11 +16,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 def _sampling_options(fn):
     fn = click.option("--seed", type=int, default=0, show_default=True,
                       help="Seed of sampling: the same seed draws the same images.")(fn)
-    fn = click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+    fn = click.option("--top-p", type=FiniteFloat(min=0, max=1, min_open=True), default=1.0, show_default=True,
                       help="Nucleus sampling: draw each id from the smallest set with this probability mass.")(fn)
     fn = click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
                       help="Draw each id from the k most likely ids of its codebook (0 = all).")(fn)
-    fn = click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True,
+    fn = click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
                       help="Sampling temperature; 0 = greedy (the most likely id at every patch).")(fn)
     return fn
 
@@ -89,7 +89,7 @@ def complete_image_command(model_path: Path, image_path: Path, keep_rows: int, s
 @click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images to draw for the prompt (one batch).")
 @_out_option("image_N.png, grid.png, ids.safetensors and prompt.txt")
-@click.option("--cfg-scale", type=float, default=None,
+@click.option("--cfg-scale", type=FiniteFloat(), default=None,
               help="Classifier-free guidance against the empty caption: draw from uncond + s * (cond - uncond). "
                    "Off by default (Libra was not trained for it); 1 draws what no guidance draws.")
 @image_tokenizer_options

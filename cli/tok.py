@@ -9,7 +9,7 @@ import click
 
 from libra_tok.train import TrainConfig
 
-from .common import dataclass_options, fail_on_errors, run_file_options, run_options
+from .common import FiniteFloat, dataclass_options, fail_on_errors, run_file_options, run_options
 from .hub import MODEL_HELP, ModelRef, offline_option, tok_push_command
 
 
@@ -33,8 +33,10 @@ def main(verbose: bool) -> None:
               help="Folder for the grid, the metrics and the trained tokenizer.")
 @click.option("--images", default=None, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image folder to train and reconstruct (default: the repository's assets/).")
-@click.option("--steps", default=300, show_default=True, help="Training steps (batch of 8 crops each).")
-@click.option("--max-minutes", default=6.0, show_default=True, help="Stop training early after this long.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Training steps (batch of 8 crops each).")
+@click.option("--max-minutes", type=FiniteFloat(min=0, min_open=True), default=6.0, show_default=True,
+              help="Stop training early after this long.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random CLIP, the decoder and the data order.")
 @fail_on_errors
 def demo(out_dir: Path, images: Path | None, steps: int, max_minutes: float, seed: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import fail_on_errors
+from .common import FiniteFloat, fail_on_errors
 from .hub import MODEL_HELP, ModelRef, offline_option
 
 # Defaults of libra_tok.serve.ServeConfig (kept here so --help does not import torch; a test
@@ -42,11 +42,11 @@ DEFAULT_PREPARE_THREADS = 4
 @click.option("--max-batch", type=click.IntRange(min=1), default=DEFAULT_MAX_BATCH, show_default=True,
               help="Most images in one forward pass: concurrent requests are merged up to this. Larger is "
                    "faster per image on a GPU and needs more memory.")
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=DEFAULT_MAX_WAIT_MS, show_default=True,
+@click.option("--max-wait-ms", type=FiniteFloat(min=0), default=DEFAULT_MAX_WAIT_MS, show_default=True,
               help="Longest time the oldest queued request waits for requests still being received or "
                    "preprocessed, to share its forward pass: latency traded for throughput. Nobody waits "
                    "when no other request is on its way; 0: run whatever is queued at once.")
-@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_BODY_MB,
+@click.option("--max-body-mb", type=FiniteFloat(min=0, min_open=True), default=DEFAULT_MAX_BODY_MB,
               show_default=True, help="Refuse request bodies larger than this many MiB (413).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Refuse uploaded images with more pixels (width x height) than this, read from the "

@@ -41,3 +41,14 @@ def test_demo_lists_what_it_could_not_use(tmp_path, asset_images):
     assert metrics["skipped_inputs"] == [{"source": str(images / "gone.png"), "reason": "dangling symlink"},
                                          {"source": str(images / "broken.png"), "reason": "not an image"}]
     assert "2 input(s) unreadable or skipped (1 dangling symlink, 1 not an image)" in res.output
+
+
+def test_demo_refuses_a_run_without_steps_or_time(tmp_path):
+    runner = CliRunner()
+    for option, value, expected in (("--steps", "0", "0 is not in the range x>=1"),
+                                    ("--max-minutes", "0", "0.0 is not in the range x>0"),
+                                    ("--max-minutes", "nan", "nan is not a finite number"),
+                                    ("--max-minutes", "inf", "inf is not a finite number")):
+        res = runner.invoke(main, ["demo", "--out", str(tmp_path / "d"), option, value])
+        assert res.exit_code == 2 and expected in res.output, res.output
+        assert not (tmp_path / "d").exists()
