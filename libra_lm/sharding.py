@@ -67,12 +67,13 @@ def frozen_to(model: nn.Module, dtype: torch.dtype) -> None:
                 module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
 
 
-def shard(model: LibraForCausalLM, mesh, param_dtype: torch.dtype) -> None:
-    """FSDP2 per decoder layer, then the root (embeddings, norms, heads)."""
+def shard(model: nn.Module, mesh, param_dtype: torch.dtype, layers: list[nn.Module] | None = None) -> None:
+    """FSDP2 per decoder layer (`layers`, default the LM's), then the root (embeddings, norms,
+    heads): parameters gathered in `param_dtype`, gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    for layer in model.model.layers if layers is None else layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
 

@@ -622,15 +622,22 @@ class Trainer(TrainingLoop):
         names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if state.get("sharded"):
             return self._load_sharded(path, state, names)
-        if set(state["trainable"]) != names:
-            raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
-                             f"(frozen_llm {self.cfg.frozen_llm}); resume with the options the run started with")
-        if state["frozen_fingerprint"] != self.fingerprint:
-            raise ValueError(f"the frozen weights differ from those the run in {self.out} started from (was "
-                             "--init-from, --preset, --lm or --seed changed?); resume with the same starting point")
+        self._check_same_start(path, set(state["trainable"]), names, state["frozen_fingerprint"], "--lm or --seed")
         set_model_state_dict(self.model, state["trainable"], options=self._state_options(strict=False))
         set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=self._state_options())
         self.sched.load_state_dict(state["scheduler"])
+
+    def _check_same_start(self, path: Path, saved: set[str], names: set[str], frozen_fingerprint: str,
+                          last_options: str) -> None:
+        """A checkpoint resumes only the run that wrote it: the same trainable set, the same
+        frozen weights (`last_options`: the final options named in the message)."""
+        if saved != names:
+            raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
+                             f"(frozen_llm {self.cfg.frozen_llm}); resume with the options the run started with")
+        if frozen_fingerprint != self.fingerprint:
+            raise ValueError(f"the frozen weights differ from those the run in {self.out} started from (was "
+                             f"--init-from, --preset, {last_options} changed?); resume with the same "
+                             "starting point")
 
     def _load_sharded(self, path: Path, state: dict[str, Any], names: set[str]) -> None:
         """Each process reads the slices it now owns: the same split as when saved, or another
@@ -646,13 +653,8 @@ class Trainer(TrainingLoop):
         from libra_tok.run import load_sharded, sharded_tensor_keys
 
         saved = {k.removeprefix("model.") for k in sharded_tensor_keys(path) if k.startswith("model.")}
-        if saved != names:
-            raise ValueError(f"checkpoint {path} holds other trainable parameters than this run trains "
-                             f"(frozen_llm {self.cfg.frozen_llm}); resume with the options the run started with")
-        if state["frozen_fingerprint"] != self.fingerprint:
-            raise ValueError(f"the frozen weights differ from those the run in {self.out} started from (was "
-                             "--init-from, --preset, --lm, --precision or --seed changed?); resume with the same "
-                             "starting point")
+        # Frozen weights are stored in the compute dtype here: --precision is part of the start.
+        self._check_same_start(path, saved, names, state["frozen_fingerprint"], "--lm, --precision or --seed")
         options = StateDictOptions(ignore_frozen_params=True)
         tensors = {"model": get_model_state_dict(self.model, options=options),
                    "optimizer": get_optimizer_state_dict(self.model, self.opt)}

@@ -168,13 +168,11 @@ class HoVLETrainer(Trainer):
             return DDP(self.model, device_ids=ids)
         if self.parallel == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            mesh = init_device_mesh(self.device.type, (self.d.world,))
-            mp = MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
-            for layer in self.hovle.decoder_layers():
-                fully_shard(layer, mesh=mesh, mp_policy=mp)
-            fully_shard(self.model, mesh=mesh, mp_policy=mp)
+            from ..sharding import shard
+
+            shard(self.model, init_device_mesh(self.device.type, (self.d.world,)), self.dtype,
+                  layers=self.hovle.decoder_layers())
         return self.model
 
     def _collator(self) -> Collator:
