@@ -106,17 +106,20 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, text_tokenizer
     weight_map: dict[str, str] = {}
     files: list[Path] = []
     shard: dict[str, torch.Tensor] = {}
+    pending: dict[str, torch.Tensor] = {}  # trained tensors of `shard`, read from the checkpoint in one call
     shard_bytes = 0
     frozen: list[tuple[str, tuple[int, ...], torch.dtype, int]] = []
 
     def flush() -> None:
-        nonlocal shard, shard_bytes
+        nonlocal shard, pending, shard_bytes
+        if pending:
+            load_sharded(checkpoint, {"model": pending}, collective=False)
         if shard:
             file = staging / f"model-{len(files) + 1:05d}.safetensors"
             atomic_save_safetensors(shard, file, metadata={"format": "pt"})
             files.append(file)
             weight_map.update({k: file.name for k in shard})
-            shard, shard_bytes = {}, 0
+            shard, pending, shard_bytes = {}, {}, 0
 
     torch.manual_seed(int(options.get("seed", 0)))  # fresh weights are drawn as the run drew them
     names = initial_tensors(config, kind, source)
@@ -125,7 +128,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, text_tokenizer
         if name in trained:
             shape, dtype = trained[name]
             tensor = torch.empty(shape, dtype=dtype)
-            load_sharded(checkpoint, {"model": {name: tensor}}, collective=False)
         else:
             tensor = read(None, None).to(torch.float32)
             frozen.append((name, tuple(tensor.shape), frozen_dtype, bits_sum(tensor.to(frozen_dtype))))
@@ -133,6 +135,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, text_tokenizer
         if shard and shard_bytes + size > max_shard_bytes:
             flush()
         shard[name] = tensor.contiguous()
+        if name in trained:
+            pending[name] = shard[name]
         shard_bytes += size
     flush()
     if source is not None:
